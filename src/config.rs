@@ -1,0 +1,702 @@
+//! Configuration: one TOML file, overlaid by `REGISTRAR_*` environment variables (sections split
+//! by `__`, so `REGISTRAR_HTTP__LISTEN` sets `http.listen`), overlaid by command-line flags.
+//! Unknown keys and bad values are refused at start with a message naming the key. The result is
+//! a validated [`Config`] with no loose options; every key is documented in
+//! `registrar.example.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::phone::{NumberType, PhonePolicy};
+use crate::registrar::{CODE_LENGTHS, Challenge, Settings};
+use crate::secret::ServerSecret;
+
+/// Environment variables with this prefix overlay the file.
+pub const ENV_PREFIX: &str = "REGISTRAR_";
+
+/// Development (embedded defaults allowed) or production (everything explicit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Generated key and secret, development provider, fictional numbers.
+    #[default]
+    Development,
+    /// Shared key and secret must be configured; no development provider.
+    Production,
+}
+
+/// The configuration file as written (every section optional).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// `development` or `production`.
+    pub mode: Mode,
+    /// Where the database, generated key and secret, and the development outbox live.
+    pub data_dir: PathBuf,
+    /// `[server]`.
+    pub server: ServerSection,
+    /// `[http]`.
+    pub http: HttpSection,
+    /// `[database]`.
+    pub database: DatabaseSection,
+    /// `[registration]`.
+    pub registration: RegistrationSection,
+    /// `[verification]`.
+    pub verification: VerificationSection,
+    /// `[phone]`.
+    pub phone: PhoneSection,
+    /// `[[providers]]`, tried in order.
+    pub providers: Vec<ProviderConfig>,
+    /// `[log]`.
+    pub log: LogSection,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Development,
+            data_dir: PathBuf::from("./data"),
+            server: ServerSection::default(),
+            http: HttpSection::default(),
+            database: DatabaseSection::default(),
+            registration: RegistrationSection::default(),
+            verification: VerificationSection::default(),
+            phone: PhoneSection::default(),
+            providers: Vec::new(),
+            log: LogSection::default(),
+        }
+    }
+}
+
+/// `[server]`: identity and secrets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// XMPP domain of the accounts.
+    pub domain: String,
+    /// Secret server key (OpenPGP, armored).
+    pub key_file: Option<PathBuf>,
+    /// File holding the server secret.
+    pub secret_file: Option<PathBuf>,
+    /// The server secret itself (prefer `REGISTRAR_SERVER__SECRET` to writing it in a file).
+    pub secret: Option<String>,
+    /// Allow an RSA server key in production.
+    pub allow_rsa_key: bool,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            domain: "localhost".into(),
+            key_file: None,
+            secret_file: None,
+            secret: None,
+            allow_rsa_key: false,
+        }
+    }
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Address and port of the JSON API.
+    pub listen: SocketAddr,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// `[database]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSection {
+    /// `sqlite://PATH`; default `<data_dir>/registrar.db`.
+    pub url: Option<String>,
+    /// Pool size.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseSection {
+    fn default() -> Self {
+        Self {
+            url: None,
+            max_connections: 8,
+        }
+    }
+}
+
+/// `[registration]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationSection {
+    /// Whether new verifications may start.
+    pub open: bool,
+    /// Terms of service the client must accept.
+    pub terms_url: Option<String>,
+    /// Name used in messages.
+    pub service_name: String,
+}
+
+impl Default for RegistrationSection {
+    fn default() -> Self {
+        Self {
+            open: true,
+            terms_url: None,
+            service_name: "Kontalk".into(),
+        }
+    }
+}
+
+/// `[verification]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerificationSection {
+    /// Digits in a code (4 to 10).
+    pub code_length: usize,
+    /// Seconds a code stays valid.
+    pub lifetime_seconds: u64,
+    /// Seconds between two messages for one verification.
+    pub resend_wait_seconds: u64,
+    /// Code submissions before the verification locks.
+    pub max_attempts: u32,
+    /// Challenge when the client names none.
+    pub default_challenge: Challenge,
+}
+
+impl Default for VerificationSection {
+    fn default() -> Self {
+        Self {
+            code_length: 6,
+            lifetime_seconds: 600,
+            resend_wait_seconds: 60,
+            max_attempts: 5,
+            default_challenge: Challenge::Pin,
+        }
+    }
+}
+
+/// `[phone]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PhoneSection {
+    /// Accept viable but invalid (fictional) numbers; default: on in development only.
+    pub accept_fictional: Option<bool>,
+    /// Number types accepted.
+    pub allowed_types: Vec<NumberType>,
+}
+
+impl Default for PhoneSection {
+    fn default() -> Self {
+        Self {
+            accept_fictional: None,
+            allowed_types: PhonePolicy::default().allowed_types,
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// tracing filter (`RUST_LOG` wins when set).
+    pub filter: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+        }
+    }
+}
+
+fn default_dev_name() -> String {
+    "development".into()
+}
+fn default_dev_sender() -> String {
+    "12345".into()
+}
+fn default_caller_prefix() -> String {
+    "+1555000".into()
+}
+fn all_challenges() -> Vec<Challenge> {
+    Challenge::ALL.to_vec()
+}
+
+/// One `[[providers]]` entry; `kind` selects the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProviderConfig {
+    /// Appends to `<data_dir>/outbox.jsonl` and prints; refused in production.
+    Development {
+        /// Name in logs and routing.
+        #[serde(default = "default_dev_name")]
+        name: String,
+        /// SMS sender id shown to the client.
+        #[serde(default = "default_dev_sender")]
+        sender: String,
+        /// Missed calls come from this prefix followed by the code.
+        #[serde(default = "default_caller_prefix")]
+        caller_prefix: String,
+        /// Outbox file; default `<data_dir>/outbox.jsonl`.
+        #[serde(default)]
+        outbox: Option<PathBuf>,
+        /// Challenges it delivers.
+        #[serde(default = "all_challenges")]
+        challenges: Vec<Challenge>,
+    },
+}
+
+/// Where the server secret comes from.
+#[derive(Debug, Clone)]
+pub enum SecretSource {
+    /// Given in the configuration or environment.
+    Inline(ServerSecret),
+    /// Read from a file, generated there first if `generate` and missing.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Whether a missing file is generated (development only).
+        generate: bool,
+    },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Development or production.
+    pub mode: Mode,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Server key file.
+    pub key_file: PathBuf,
+    /// Whether a missing key file is generated (development only).
+    pub generate_key: bool,
+    /// Server secret.
+    pub secret: SecretSource,
+    /// Whether an RSA server key is accepted.
+    pub allow_rsa_key: bool,
+    /// HTTP listen address.
+    pub http_listen: SocketAddr,
+    /// HTTP body limit.
+    pub max_body_bytes: usize,
+    /// Database URL.
+    pub database_url: String,
+    /// Database pool size.
+    pub database_max_connections: u32,
+    /// The core's rules.
+    pub settings: Settings,
+    /// Providers, in order.
+    pub providers: Vec<ProviderConfig>,
+    /// Log filter.
+    pub log_filter: String,
+}
+
+/// A configuration that cannot be used; the text names the key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+fn bad(key: &str, why: impl std::fmt::Display) -> ConfigError {
+    ConfigError(format!("{key}: {why}"))
+}
+
+/// Command-line flags that override the file and environment.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--http`.
+    pub http: Option<SocketAddr>,
+    /// `--domain`.
+    pub domain: Option<String>,
+}
+
+impl Config {
+    /// The embedded defaults (no file, no environment), with `data_dir`.
+    pub fn development(data_dir: &Path) -> Result<Self, ConfigError> {
+        let file = FileConfig {
+            data_dir: data_dir.to_path_buf(),
+            ..FileConfig::default()
+        };
+        file.validate()
+    }
+
+    /// Loads `path` (if given), overlays the environment and `overrides`, and validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(FileConfig::default()));
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"));
+        if let Some(d) = &overrides.data_dir {
+            figment = figment.merge(Serialized::default("data_dir", d));
+        }
+        if let Some(h) = &overrides.http {
+            figment = figment.merge(Serialized::default("http.listen", h.to_string()));
+        }
+        if let Some(d) = &overrides.domain {
+            figment = figment.merge(Serialized::default("server.domain", d));
+        }
+        let file: FileConfig = figment.extract().map_err(|e| {
+            // figment's errors name the key and where it came from; join all of them.
+            ConfigError(
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        file.validate()
+    }
+}
+
+impl FileConfig {
+    /// Checks every value and builds the [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let production = self.mode == Mode::Production;
+        let domain = self.server.domain.trim().to_ascii_lowercase();
+        if domain.is_empty()
+            || domain.len() > 253
+            || !domain
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        {
+            return Err(bad(
+                "server.domain",
+                format!("{:?} is not a domain name", self.server.domain),
+            ));
+        }
+        let v = &self.verification;
+        if !CODE_LENGTHS.contains(&v.code_length) {
+            return Err(bad(
+                "verification.code_length",
+                format!("must be between 4 and 10 (got {})", v.code_length),
+            ));
+        }
+        if !(60..=86_400).contains(&v.lifetime_seconds) {
+            return Err(bad(
+                "verification.lifetime_seconds",
+                "must be between 60 and 86400",
+            ));
+        }
+        if v.resend_wait_seconds >= v.lifetime_seconds {
+            return Err(bad(
+                "verification.resend_wait_seconds",
+                "must be shorter than verification.lifetime_seconds",
+            ));
+        }
+        if !(1..=20).contains(&v.max_attempts) {
+            return Err(bad("verification.max_attempts", "must be between 1 and 20"));
+        }
+        if !(1024..=1024 * 1024).contains(&self.http.max_body_bytes) {
+            return Err(bad(
+                "http.max_body_bytes",
+                "must be between 1024 and 1048576",
+            ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(bad("database.max_connections", "must be at least 1"));
+        }
+        if self.phone.allowed_types.is_empty() {
+            return Err(bad("phone.allowed_types", "must name at least one type"));
+        }
+        if let Some(url) = &self.registration.terms_url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(bad("registration.terms_url", "must be an http(s) URL"));
+        }
+
+        let key_file = match (&self.server.key_file, production) {
+            (Some(p), _) => p.clone(),
+            (None, true) => {
+                return Err(bad(
+                    "server.key_file",
+                    "production mode needs an explicit server key shared by every instance \
+                     (create one with `kontalk-registrar keygen`)",
+                ));
+            }
+            (None, false) => self.data_dir.join("server-key.asc"),
+        };
+        let secret = match (&self.server.secret, &self.server.secret_file, production) {
+            (Some(_), Some(_), _) => {
+                return Err(bad(
+                    "server.secret",
+                    "set either server.secret or server.secret_file, not both",
+                ));
+            }
+            (Some(text), None, _) => SecretSource::Inline(
+                ServerSecret::from_text(text).map_err(|e| bad("server.secret", e))?,
+            ),
+            (None, Some(p), _) => SecretSource::File {
+                path: p.clone(),
+                generate: !production,
+            },
+            (None, None, true) => {
+                return Err(bad(
+                    "server.secret",
+                    "production mode needs a server secret shared by every instance \
+                     (server.secret_file, or REGISTRAR_SERVER__SECRET)",
+                ));
+            }
+            (None, None, false) => SecretSource::File {
+                path: self.data_dir.join("server-secret"),
+                generate: true,
+            },
+        };
+
+        let mut providers = self.providers.clone();
+        if providers.is_empty() {
+            if production {
+                return Err(bad(
+                    "providers",
+                    "production mode needs at least one provider",
+                ));
+            }
+            providers.push(ProviderConfig::Development {
+                name: default_dev_name(),
+                sender: default_dev_sender(),
+                caller_prefix: default_caller_prefix(),
+                outbox: None,
+                challenges: all_challenges(),
+            });
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in providers.iter().enumerate() {
+            let ProviderConfig::Development {
+                name,
+                sender,
+                challenges,
+                ..
+            } = p;
+            if production {
+                return Err(bad(
+                    &format!("providers[{i}].kind"),
+                    "the development provider is refused in production mode",
+                ));
+            }
+            if name.is_empty() || !names.insert(name.clone()) {
+                return Err(bad(
+                    &format!("providers[{i}].name"),
+                    "must be non-empty and unique",
+                ));
+            }
+            if sender.is_empty() {
+                return Err(bad(&format!("providers[{i}].sender"), "must not be empty"));
+            }
+            if challenges.is_empty() {
+                return Err(bad(
+                    &format!("providers[{i}].challenges"),
+                    "must name at least one challenge",
+                ));
+            }
+        }
+
+        let database_url = match &self.database.url {
+            Some(u) if u.starts_with("sqlite:") => u.clone(),
+            Some(u) => {
+                return Err(bad(
+                    "database.url",
+                    format!(
+                        "unsupported database {:?} (this build supports sqlite://PATH)",
+                        u.split(':').next().unwrap_or_default()
+                    ),
+                ));
+            }
+            None => format!("sqlite://{}", self.data_dir.join("registrar.db").display()),
+        };
+
+        let settings = Settings {
+            domain,
+            phone_policy: PhonePolicy {
+                accept_fictional: self.phone.accept_fictional.unwrap_or(!production),
+                allowed_types: self.phone.allowed_types.clone(),
+            },
+            code_length: v.code_length,
+            lifetime: Duration::from_secs(v.lifetime_seconds),
+            resend_wait: Duration::from_secs(v.resend_wait_seconds),
+            max_attempts: v.max_attempts,
+            open: self.registration.open,
+            terms_url: self.registration.terms_url.clone(),
+            service_name: self.registration.service_name.clone(),
+            default_challenge: v.default_challenge,
+        };
+        Ok(Config {
+            mode: self.mode,
+            data_dir: self.data_dir,
+            key_file,
+            generate_key: !production,
+            secret,
+            allow_rsa_key: self.server.allow_rsa_key || !production,
+            http_listen: self.http.listen,
+            max_body_bytes: self.http.max_body_bytes,
+            database_url,
+            database_max_connections: self.database.max_connections,
+            settings,
+            providers,
+            log_filter: self.log.filter,
+        })
+    }
+}
+
+#[cfg(test)]
+// figment's Jail returns its own large error type from test closures.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &mut Jail, toml: &str) -> Result<Config, ConfigError> {
+        jail.create_file("registrar.toml", toml).unwrap();
+        Config::load(Some(Path::new("registrar.toml")), &Overrides::default())
+    }
+
+    #[test]
+    fn embedded_defaults() {
+        Jail::expect_with(|_| {
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.mode, Mode::Development);
+            assert_eq!(c.http_listen.to_string(), "127.0.0.1:8080");
+            assert_eq!(c.settings.domain, "localhost");
+            assert_eq!(c.data_dir, PathBuf::from("./data"));
+            assert_eq!(c.key_file, PathBuf::from("./data/server-key.asc"));
+            assert!(c.database_url.ends_with("data/registrar.db"));
+            assert!(c.settings.phone_policy.accept_fictional);
+            assert_eq!(c.settings.code_length, 6);
+            assert_eq!(c.settings.lifetime, Duration::from_secs(600));
+            assert_eq!(c.settings.max_attempts, 5);
+            assert!(matches!(
+                c.providers.as_slice(),
+                [ProviderConfig::Development { .. }]
+            ));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        Jail::expect_with(|jail| {
+            let e = load_in(jail, "[http]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").unwrap_err();
+            assert!(e.0.contains("listne"), "{e}");
+            let e = load_in(jail, "colour = \"red\"\n").unwrap_err();
+            assert!(e.0.contains("colour"), "{e}");
+            let e = load_in(
+                jail,
+                "[[providers]]\nkind = \"development\"\nsendr = \"1\"\n",
+            )
+            .unwrap_err();
+            assert!(e.0.contains("sendr"), "{e}");
+            let e = load_in(jail, "[[providers]]\nkind = \"carrier-pigeon\"\n").unwrap_err();
+            assert!(e.0.contains("carrier-pigeon"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_refused_by_name() {
+        Jail::expect_with(|jail| {
+            let e = load_in(jail, "[verification]\ncode_length = 3\n").unwrap_err();
+            assert!(e.0.contains("verification.code_length"), "{e}");
+            let e = load_in(jail, "[http]\nlisten = \"not an address\"\n").unwrap_err();
+            assert!(e.0.contains("listen"), "{e}");
+            let e = load_in(jail, "[server]\ndomain = \"a b\"\n").unwrap_err();
+            assert!(e.0.contains("server.domain"), "{e}");
+            let e = load_in(jail, "mode = \"staging\"\n").unwrap_err();
+            assert!(e.0.contains("mode"), "{e}");
+            let e = load_in(jail, "[phone]\nallowed_types = [\"mobile\", \"fax\"]\n").unwrap_err();
+            assert!(e.0.contains("allowed_types"), "{e}");
+            let e = load_in(jail, "[database]\nurl = \"mysql://x\"\n").unwrap_err();
+            assert!(e.0.contains("database.url"), "{e}");
+            let e =
+                Config::load(Some(Path::new("missing.toml")), &Overrides::default()).unwrap_err();
+            assert!(e.0.contains("missing.toml"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn environment_overlays_file_and_flags_overlay_both() {
+        Jail::expect_with(|jail| {
+            jail.set_env("REGISTRAR_HTTP__LISTEN", "127.0.0.1:9001");
+            jail.set_env("REGISTRAR_VERIFICATION__CODE_LENGTH", "8");
+            jail.set_env("REGISTRAR_CONFIG", "ignored.toml");
+            let c = load_in(
+                jail,
+                "[verification]\ncode_length = 4\n[server]\ndomain = \"a.org\"\n",
+            )
+            .unwrap();
+            assert_eq!(c.http_listen.to_string(), "127.0.0.1:9001");
+            assert_eq!(c.settings.code_length, 8);
+            assert_eq!(c.settings.domain, "a.org");
+            let c = Config::load(
+                Some(Path::new("registrar.toml")),
+                &Overrides {
+                    data_dir: Some("/tmp/x".into()),
+                    http: Some("127.0.0.1:9002".parse().unwrap()),
+                    domain: Some("B.org".into()),
+                },
+            )
+            .unwrap();
+            assert_eq!(c.http_listen.to_string(), "127.0.0.1:9002");
+            assert_eq!(c.settings.domain, "b.org");
+            assert_eq!(c.key_file, PathBuf::from("/tmp/x/server-key.asc"));
+            jail.set_env("REGISTRAR_NO_SUCH_KEY", "1");
+            let e = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(e.0.contains("no_such_key"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn production_needs_explicit_key_secret_and_real_providers() {
+        Jail::expect_with(|jail| {
+            let e = load_in(jail, "mode = \"production\"\n").unwrap_err();
+            assert!(e.0.contains("server.key_file"), "{e}");
+            let e = load_in(
+                jail,
+                "mode = \"production\"\n[server]\nkey_file = \"k.asc\"\n",
+            )
+            .unwrap_err();
+            assert!(e.0.contains("server.secret"), "{e}");
+            let secret = "ab".repeat(32);
+            jail.set_env("REGISTRAR_SERVER__SECRET", &secret);
+            let e = load_in(
+                jail,
+                "mode = \"production\"\n[server]\nkey_file = \"k.asc\"\n",
+            )
+            .unwrap_err();
+            assert!(e.0.contains("providers"), "{e}");
+            let e = load_in(
+                jail,
+                "mode = \"production\"\n[server]\nkey_file = \"k.asc\"\n[[providers]]\nkind = \"development\"\n",
+            )
+            .unwrap_err();
+            assert!(e.0.contains("providers[0].kind"), "{e}");
+            jail.set_env("REGISTRAR_SERVER__SECRET", "short");
+            let e = load_in(jail, "").unwrap_err();
+            assert!(e.0.contains("server.secret"), "{e}");
+            assert!(!e.0.contains("short"), "the secret must not be echoed: {e}");
+            Ok(())
+        });
+    }
+}

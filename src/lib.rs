@@ -1,0 +1,272 @@
+//! kontalk-registrar turns a phone number into a verified messenger account: it checks the
+//! number, has a provider deliver a code, and certifies the client's OpenPGP key with the server
+//! key once the code comes back.
+//!
+//! Crate map:
+//! - [`registrar`]: the domain core (start, resend, verify, status, cancel) and its one error enum;
+//! - [`phone`]: E.164 numbers and Kontalk account ids;
+//! - [`openpgp`]: the server key, the policy for users' keys, certification;
+//! - [`store`]: persistence behind a trait (SQLite);
+//! - [`http`]: the JSON API;
+//! - [`config`]: TOML + environment configuration, validated once;
+//! - [`client`]: the `client register` command, a real client of the HTTP API;
+//! - [`clock`], [`secret`]: time as a parameter, and the server secret for keyed hashes.
+//!
+//! [`run`] takes a validated [`Config`], bound listeners and a shutdown future, so that tests bind
+//! `127.0.0.1:0` and drive the real service (tokio-rs/mini-redis).
+#![warn(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod client;
+pub mod clock;
+pub mod config;
+mod fsutil;
+pub mod http;
+pub mod openpgp;
+pub mod phone;
+pub mod registrar;
+pub mod secret;
+pub mod store;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use registrar_providers::{DevelopmentProvider, Provider};
+use tokio::net::TcpListener;
+
+use crate::clock::{Clock, SystemClock};
+pub use crate::config::Config;
+use crate::config::{ProviderConfig, SecretSource};
+use crate::openpgp::ServerKey;
+use crate::registrar::Registrar;
+use crate::secret::ServerSecret;
+use crate::store::SqliteStore;
+
+/// How often expired verifications are purged.
+pub const PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The sockets the service answers on, bound by the caller.
+pub struct Listeners {
+    /// The JSON API.
+    pub http: TcpListener,
+}
+
+/// Parts a caller (a test) supplies instead of the configured ones.
+#[derive(Default)]
+pub struct Services {
+    /// The clock; the system clock when `None`.
+    pub clock: Option<Arc<dyn Clock>>,
+    /// The providers; the configured ones when `None`.
+    pub providers: Option<Vec<Arc<dyn Provider>>>,
+}
+
+/// The service, assembled from its configuration.
+pub struct App {
+    /// The domain core.
+    pub registrar: Arc<Registrar>,
+    /// The clock everything uses.
+    pub clock: Arc<dyn Clock>,
+    config: Config,
+}
+
+/// Loads the server key from `config.key_file`, generating it first in development mode.
+pub fn load_server_key(config: &Config) -> anyhow::Result<ServerKey> {
+    let path = &config.key_file;
+    let key = if path.exists() || !config.generate_key {
+        ServerKey::load(path)?
+    } else {
+        let key = ServerKey::generate(&config.settings.domain)?;
+        key.save(path)?;
+        tracing::info!(
+            path = %path.display(),
+            fingerprint = %key.fingerprint(),
+            "generated a development server key"
+        );
+        key
+    };
+    if key.is_rsa() && !config.allow_rsa_key {
+        anyhow::bail!(
+            "server key {}: RSA signing is not constant-time in the pure-Rust backend; use an \
+             Ed25519 key (kontalk-registrar keygen) or set server.allow_rsa_key = true",
+            path.display()
+        );
+    }
+    Ok(key)
+}
+
+fn load_secret(config: &Config) -> anyhow::Result<ServerSecret> {
+    Ok(match &config.secret {
+        SecretSource::Inline(s) => s.clone(),
+        SecretSource::File { path, generate } => {
+            if path.exists() || !generate {
+                ServerSecret::load(path)?
+            } else {
+                let s = ServerSecret::generate();
+                s.save(path)?;
+                tracing::info!(path = %path.display(), "generated a development server secret");
+                s
+            }
+        }
+    })
+}
+
+fn build_providers(config: &Config) -> Vec<Arc<dyn Provider>> {
+    config
+        .providers
+        .iter()
+        .map(|p| -> Arc<dyn Provider> {
+            match p {
+                ProviderConfig::Development {
+                    name,
+                    sender,
+                    caller_prefix,
+                    outbox,
+                    challenges,
+                } => Arc::new(DevelopmentProvider::new(
+                    name,
+                    outbox
+                        .clone()
+                        .unwrap_or_else(|| config.data_dir.join("outbox.jsonl")),
+                    sender,
+                    caller_prefix,
+                    challenges.clone(),
+                )),
+            }
+        })
+        .collect()
+}
+
+fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // The directory holds the generated key and secret: keep it private.
+        let mut perms = std::fs::metadata(dir)?.permissions();
+        if perms.mode() & 0o077 != 0 {
+            perms.set_mode(0o700);
+            std::fs::set_permissions(dir, perms)?;
+        }
+    }
+    Ok(())
+}
+
+/// Opens the configured database and runs its migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
+    create_data_dir(&config.data_dir)?;
+    SqliteStore::open(&config.database_url, config.database_max_connections)
+        .await
+        .with_context(|| format!("cannot open database {}", config.database_url))
+}
+
+impl App {
+    /// Prepares the data directory, key, secret, database and providers.
+    pub async fn build(config: Config, services: Services) -> anyhow::Result<Self> {
+        create_data_dir(&config.data_dir)?;
+        let server_key = Arc::new(load_server_key(&config)?);
+        let secret = load_secret(&config)?;
+        let store = Arc::new(open_store(&config).await?);
+        let providers = services
+            .providers
+            .unwrap_or_else(|| build_providers(&config));
+        let clock = services.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        let registrar = Arc::new(Registrar::new(
+            config.settings.clone(),
+            store,
+            providers,
+            server_key,
+            secret,
+            clock.clone(),
+        ));
+        Ok(Self {
+            registrar,
+            clock,
+            config,
+        })
+    }
+
+    /// Serves until `shutdown` completes, then finishes the requests in flight.
+    pub async fn serve(
+        self,
+        listeners: Listeners,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+
+        let purger = {
+            let registrar = self.registrar.clone();
+            let stop = stopped(stop_rx.clone());
+            tokio::spawn(async move {
+                tokio::pin!(stop);
+                let mut tick = tokio::time::interval(PURGE_INTERVAL);
+                loop {
+                    tokio::select! {
+                        _ = &mut stop => break,
+                        _ = tick.tick() => match registrar.purge_expired().await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(purged = n, "purged expired verifications"),
+                            Err(e) => tracing::warn!(error = %e, "purge failed"),
+                        },
+                    }
+                }
+            })
+        };
+
+        let router = http::router(
+            self.registrar.clone(),
+            self.clock.clone(),
+            self.config.max_body_bytes,
+        );
+        let addr = listeners.http.local_addr()?;
+        tracing::info!(
+            http = %addr,
+            domain = %self.config.settings.domain,
+            mode = ?self.config.mode,
+            server_key = %self.registrar.server_key().fingerprint(),
+            "kontalk-registrar is ready"
+        );
+        axum::serve(listeners.http, router)
+            .with_graceful_shutdown(stopped(stop_rx))
+            .await
+            .context("HTTP server failed")?;
+        purger.abort();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Runs the service on `config` until `shutdown` completes.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with(config, listeners, shutdown, Services::default()).await
+}
+
+/// [`run`] with parts supplied by the caller.
+pub async fn run_with(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    services: Services,
+) -> anyhow::Result<()> {
+    App::build(config, services)
+        .await?
+        .serve(listeners, shutdown)
+        .await
+}

@@ -1,0 +1,613 @@
+//! OpenPGP: the server key, the policy for users' keys, and certification.
+//!
+//! A user proves a phone number and hands in an OpenPGP certificate; we certify (signature type
+//! 0x10, generic certification) the User ID whose email is `<account>@<domain>` with the server
+//! key and return the certificate with that certification. The XMPP server later accepts a login
+//! when the key carries it. Parsing and signing are CPU work: callers run them in
+//! `spawn_blocking` when the key may be RSA.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use sequoia_openpgp as pgp;
+
+use pgp::cert::prelude::*;
+use pgp::crypto::{KeyPair, mpi};
+use pgp::packet::Signature;
+use pgp::parse::Parse;
+use pgp::policy::{Policy, StandardPolicy};
+use pgp::serialize::SerializeInto;
+use pgp::types::{Curve, PublicKeyAlgorithm, RevocationStatus, SignatureType};
+
+/// Largest public key we parse, in bytes (binary). Kontalk keys are a few KiB; the HTTP body limit
+/// is lower anyway, this keeps other transports honest.
+pub const MAX_KEY_BYTES: usize = 48 * 1024;
+
+/// Smallest RSA primary key accepted.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// How far in the future a user's key may have been created: phones' clocks run fast.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(15 * 60);
+
+/// Why a user's key was refused. Each text says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// Not base64 of a binary key nor ASCII armor.
+    #[error("the public key is neither base64 of a binary OpenPGP key nor ASCII armor")]
+    Encoding,
+    /// Larger than [`MAX_KEY_BYTES`].
+    #[error("the public key is larger than {MAX_KEY_BYTES} bytes")]
+    TooLarge,
+    /// Not OpenPGP, or broken.
+    #[error("the public key does not parse as an OpenPGP certificate: {0}")]
+    Parse(String),
+    /// Zero or several certificates.
+    #[error("expected exactly one OpenPGP certificate, found {0}")]
+    Count(usize),
+    /// Secret key material was sent: the client must never hand it out.
+    #[error("the key contains secret key material; send the public key only")]
+    SecretMaterial,
+    /// Not valid under the standard policy (bad or missing self-signatures, weak algorithms).
+    #[error("the key is not valid under the OpenPGP standard policy: {0}")]
+    Policy(String),
+    /// Expired or revoked.
+    #[error("the key is expired or revoked")]
+    NotAlive,
+    /// Primary key algorithm or size not accepted.
+    #[error("the primary key must be RSA of at least {MIN_RSA_BITS} bits or Ed25519")]
+    Algorithm,
+    /// No valid User ID names the account.
+    #[error("the key has no valid User ID with the email {0}")]
+    NoMatchingUserId(String),
+}
+
+/// The server's signing key.
+pub struct ServerKey {
+    cert: Cert,
+    keypair: KeyPair,
+}
+
+impl std::fmt::Debug for ServerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerKey({})", self.cert.fingerprint().to_hex())
+    }
+}
+
+/// Why the server key could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerKeyError {
+    /// Reading or writing the file failed.
+    #[error("server key file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The file is no usable secret key.
+    #[error("server key file {path}: {reason}")]
+    Unusable {
+        /// The file.
+        path: String,
+        /// What is wrong (never the key material).
+        reason: String,
+    },
+}
+
+impl ServerKey {
+    /// Generates an Ed25519 certification key whose User ID names `domain`.
+    pub fn generate(domain: &str) -> anyhow::Result<Self> {
+        let (cert, _revocation) = CertBuilder::new()
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_primary_key_flags(pgp::types::KeyFlags::empty().set_certification())
+            .set_validity_period(None)
+            .add_userid(format!("kontalk-registrar <registrar@{domain}>"))
+            .generate()?;
+        Self::from_cert(cert).map_err(|reason| anyhow::anyhow!(reason))
+    }
+
+    fn from_cert(cert: Cert) -> Result<Self, String> {
+        let key = cert.primary_key().key().clone();
+        if !key.has_unencrypted_secret() {
+            return Err("the primary key has no unencrypted secret part".into());
+        }
+        if !matches!(
+            key_kind(key.pk_algo(), key.mpis()),
+            KeyKind::Ed25519 | KeyKind::Rsa(_)
+        ) {
+            return Err("the server key must be Ed25519 (or RSA where allowed)".into());
+        }
+        let keypair = key
+            .parts_into_secret()
+            .and_then(|k| k.into_keypair())
+            .map_err(|e| format!("cannot use the secret key: {e}"))?;
+        Ok(Self { cert, keypair })
+    }
+
+    /// Parses a secret key (armored or binary).
+    pub fn from_bytes(bytes: &[u8], path: &str) -> Result<Self, ServerKeyError> {
+        let unusable = |reason: String| ServerKeyError::Unusable {
+            path: path.to_owned(),
+            reason,
+        };
+        let cert = Cert::from_bytes(bytes).map_err(|e| unusable(format!("not a key: {e}")))?;
+        Self::from_cert(cert).map_err(unusable)
+    }
+
+    /// Loads the key at `path`.
+    pub fn load(path: &Path) -> Result<Self, ServerKeyError> {
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| ServerKeyError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_bytes(&bytes, &shown)
+    }
+
+    /// Writes the secret key, armored, to `path` with owner-only permissions (0600). Refuses to
+    /// overwrite an existing file.
+    pub fn save(&self, path: &Path) -> Result<(), ServerKeyError> {
+        let io = |source| ServerKeyError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let armored = self
+            .cert
+            .as_tsk()
+            .armored()
+            .to_vec()
+            .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        crate::fsutil::write_private(path, &armored).map_err(io)
+    }
+
+    /// The public certificate, ASCII-armored.
+    pub fn public_armored(&self) -> String {
+        self.cert
+            .armored()
+            .to_vec()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The public certificate (binary).
+    pub fn public_cert(&self) -> &Cert {
+        &self.cert
+    }
+
+    /// The key's fingerprint (hex, upper case).
+    pub fn fingerprint(&self) -> String {
+        self.cert.fingerprint().to_hex()
+    }
+
+    /// Whether this is an RSA key (variable-time signing in the pure-Rust backend).
+    pub fn is_rsa(&self) -> bool {
+        matches!(
+            key_kind(
+                self.cert.primary_key().key().pk_algo(),
+                self.cert.primary_key().key().mpis()
+            ),
+            KeyKind::Rsa(_)
+        )
+    }
+
+    /// Certifies the User ID of `key` whose email is `email`, at `now`, and returns the
+    /// certificate with the certification added.
+    pub fn certify(
+        &self,
+        key: &UserKey,
+        email: &str,
+        now: SystemTime,
+    ) -> anyhow::Result<CertifiedKey> {
+        let cert = &key.0;
+        let uid = cert
+            .userids()
+            .find(|u| email_matches(u.userid(), email))
+            .ok_or_else(|| anyhow::anyhow!("no User ID with the email {email}"))?;
+        // A certification older than the key or its self-signature is rejected by GnuPG
+        // ("key is newer than the signature"): never date it earlier than either, nor earlier
+        // than our own key.
+        let mut when = now.max(cert.primary_key().key().creation_time());
+        when = when.max(self.cert.primary_key().key().creation_time());
+        for sig in uid.self_signatures() {
+            if let Some(t) = sig.signature_creation_time() {
+                when = when.max(t);
+            }
+        }
+        let mut signer = self.keypair.clone();
+        let sig: Signature = uid.userid().certify(
+            &mut signer,
+            cert,
+            SignatureType::GenericCertification,
+            None,
+            when,
+        )?;
+        let (certified, _) = cert.clone().insert_packets(sig)?;
+        Ok(CertifiedKey {
+            fingerprint: certified.fingerprint().to_hex(),
+            bytes: certified.to_vec()?,
+        })
+    }
+}
+
+/// A user's key that parsed and passed [`check_user_key`]'s structural checks.
+#[derive(Clone)]
+pub struct UserKey(Cert);
+
+impl std::fmt::Debug for UserKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "UserKey({})", self.fingerprint())
+    }
+}
+
+impl UserKey {
+    /// Parses a key sent as base64 of the binary key or as ASCII armor. Exactly one certificate,
+    /// public parts only.
+    pub fn parse(input: &str) -> Result<Self, KeyError> {
+        let input = input.trim();
+        let bytes = if input.starts_with("-----BEGIN PGP") {
+            if input.len() > MAX_KEY_BYTES * 2 {
+                return Err(KeyError::TooLarge);
+            }
+            input.as_bytes().to_vec()
+        } else {
+            if input.len() > MAX_KEY_BYTES * 4 / 3 + 4096 {
+                return Err(KeyError::TooLarge);
+            }
+            let compact: String = input.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+            base64::engine::general_purpose::STANDARD
+                .decode(compact.as_bytes())
+                .map_err(|_| KeyError::Encoding)?
+        };
+        Self::from_bytes(&bytes)
+    }
+
+    /// Parses binary (or armored) bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, KeyError> {
+        if bytes.is_empty() {
+            return Err(KeyError::Count(0));
+        }
+        if bytes.len() > MAX_KEY_BYTES * 2 {
+            return Err(KeyError::TooLarge);
+        }
+        let mut certs = Vec::new();
+        let parser = CertParser::from_bytes(bytes).map_err(|e| KeyError::Parse(e.to_string()))?;
+        for cert in parser {
+            certs.push(cert.map_err(|e| KeyError::Parse(e.to_string()))?);
+            if certs.len() > 1 {
+                break;
+            }
+        }
+        if certs.len() != 1 {
+            return Err(KeyError::Count(certs.len()));
+        }
+        let cert = certs.remove(0);
+        if cert.is_tsk() {
+            return Err(KeyError::SecretMaterial);
+        }
+        Ok(Self(cert))
+    }
+
+    /// The fingerprint (hex, upper case).
+    pub fn fingerprint(&self) -> String {
+        self.0.fingerprint().to_hex()
+    }
+
+    /// The certificate.
+    pub fn cert(&self) -> &Cert {
+        &self.0
+    }
+}
+
+/// A certificate with our certification, ready to hand back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertifiedKey {
+    /// Fingerprint of the user's key (hex, upper case).
+    pub fingerprint: String,
+    /// The binary certificate, public parts, with the certification.
+    pub bytes: Vec<u8>,
+}
+
+enum KeyKind {
+    Rsa(usize),
+    Ed25519,
+    Other,
+}
+
+fn key_kind(algo: PublicKeyAlgorithm, mpis: &mpi::PublicKey) -> KeyKind {
+    #[allow(deprecated)]
+    match (algo, mpis) {
+        (
+            PublicKeyAlgorithm::RSAEncryptSign | PublicKeyAlgorithm::RSASign,
+            mpi::PublicKey::RSA { n, .. },
+        ) => KeyKind::Rsa(n.bits()),
+        (PublicKeyAlgorithm::EdDSA, mpi::PublicKey::EdDSA { curve, .. })
+            if *curve == Curve::Ed25519 =>
+        {
+            KeyKind::Ed25519
+        }
+        (PublicKeyAlgorithm::Ed25519, _) => KeyKind::Ed25519,
+        _ => KeyKind::Other,
+    }
+}
+
+fn email_matches(uid: &pgp::packet::UserID, email: &str) -> bool {
+    matches!(uid.email(), Ok(Some(e)) if e.eq_ignore_ascii_case(email))
+}
+
+/// Checks a user's key against the policy at `now`: valid under sequoia's standard policy, alive
+/// and not revoked, an RSA (at least 2048 bits) or Ed25519 primary key, and a validly bound User
+/// ID whose email is `email`. Subkeys may be of any algorithm the standard policy accepts.
+pub fn check_user_key(key: &UserKey, email: &str, now: SystemTime) -> Result<(), KeyError> {
+    let policy = StandardPolicy::new();
+    let primary = key.0.primary_key().key();
+    // Judge a key made on a phone whose clock runs a little fast as if it were now.
+    let creation = primary.creation_time();
+    let t = if creation > now && creation <= now + CLOCK_SKEW {
+        now + CLOCK_SKEW
+    } else {
+        now
+    };
+    match key_kind(primary.pk_algo(), primary.mpis()) {
+        KeyKind::Rsa(bits) if bits >= MIN_RSA_BITS => {}
+        KeyKind::Ed25519 => {}
+        _ => return Err(KeyError::Algorithm),
+    }
+    let valid = key
+        .0
+        .with_policy(&policy, t)
+        .map_err(|e| KeyError::Policy(e.to_string()))?;
+    if valid.alive().is_err() {
+        return Err(KeyError::NotAlive);
+    }
+    if let RevocationStatus::Revoked(_) = valid.revocation_status() {
+        return Err(KeyError::NotAlive);
+    }
+    let bound = valid.userids().any(|u| {
+        email_matches(u.userid(), email)
+            && !matches!(u.revocation_status(), RevocationStatus::Revoked(_))
+    });
+    if !bound {
+        return Err(KeyError::NoMatchingUserId(email.to_owned()));
+    }
+    Ok(())
+}
+
+/// Checks whether `cert` carries a valid certification by `server` on a User ID whose email is
+/// `email`. Used by tests and, later, by the login check.
+pub fn has_certification(cert: &Cert, server: &Cert, email: &str) -> bool {
+    let policy = StandardPolicy::new();
+    let signer = server.primary_key().key();
+    cert.userids()
+        .filter(|u| email_matches(u.userid(), email))
+        .any(|u| {
+            u.certifications().any(|sig| {
+                sig.typ() == SignatureType::GenericCertification
+                    && policy.signature(sig, Default::default()).is_ok()
+                    && sig
+                        .clone()
+                        .verify_userid_binding(signer, cert.primary_key().key(), u.userid())
+                        .is_ok()
+            })
+        })
+}
+
+/// Generates a user key as a Kontalk client would: one User ID `Name <email>`, a certification
+/// primary key with signing and encryption subkeys. `rsa` selects RSA-2048 (Kontalk's choice)
+/// instead of Ed25519/Cv25519.
+pub fn generate_user_key(name: &str, email: &str, rsa: bool) -> anyhow::Result<Cert> {
+    let suite = if rsa {
+        CipherSuite::RSA2k
+    } else {
+        CipherSuite::Cv25519
+    };
+    let (cert, _) = CertBuilder::general_purpose(Some(format!("{name} <{email}>")))
+        .set_cipher_suite(suite)
+        .set_validity_period(None)
+        .generate()?;
+    Ok(cert)
+}
+
+/// Serialises a certificate's public parts, binary.
+pub fn public_bytes(cert: &Cert) -> anyhow::Result<Vec<u8>> {
+    cert.to_vec()
+}
+
+/// Serialises a certificate's public parts, ASCII-armored.
+pub fn public_armored(cert: &Cert) -> anyhow::Result<Vec<u8>> {
+    cert.armored().to_vec()
+}
+
+/// Serialises a certificate with its secret parts, ASCII-armored.
+pub fn secret_armored(cert: &Cert) -> anyhow::Result<Vec<u8>> {
+    cert.as_tsk().armored().to_vec()
+}
+
+/// Parses one certificate (any encoding sequoia reads); for tools and tests.
+pub fn parse_cert(bytes: &[u8]) -> anyhow::Result<Cert> {
+    Cert::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::STANDARD as B64;
+
+    const EMAIL: &str = "4bdd4f929f3a1062253e4e496bafba0bdfb5db75@localhost";
+
+    fn b64(cert: &Cert) -> String {
+        B64.encode(cert.to_vec().unwrap())
+    }
+
+    #[test]
+    fn certifies_an_ed25519_key_and_the_certification_verifies() {
+        let server = ServerKey::generate("localhost").unwrap();
+        assert!(!server.is_rsa());
+        let user = generate_user_key("Test", EMAIL, false).unwrap();
+        let key = UserKey::parse(&b64(&user)).unwrap();
+        check_user_key(&key, EMAIL, SystemTime::now()).unwrap();
+        let certified = server.certify(&key, EMAIL, SystemTime::now()).unwrap();
+        assert_eq!(certified.fingerprint, user.fingerprint().to_hex());
+        let back = parse_cert(&certified.bytes).unwrap();
+        assert!(!back.is_tsk());
+        assert!(has_certification(&back, server.public_cert(), EMAIL));
+        // Another server's key did not certify it.
+        let other = ServerKey::generate("localhost").unwrap();
+        assert!(!has_certification(&back, other.public_cert(), EMAIL));
+        assert!(!has_certification(
+            &user.strip_secret_key_material(),
+            server.public_cert(),
+            EMAIL
+        ));
+    }
+
+    #[test]
+    fn accepts_armor_and_case_insensitive_domain() {
+        let user = generate_user_key("Test", EMAIL, false).unwrap();
+        let armored = String::from_utf8(public_armored(&user).unwrap()).unwrap();
+        let key = UserKey::parse(&armored).unwrap();
+        check_user_key(
+            &key,
+            "4bdd4f929f3a1062253e4e496bafba0bdfb5db75@LOCALHOST",
+            SystemTime::now(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn refuses_wrong_user_id() {
+        let user = generate_user_key("Test", "someone@localhost", false).unwrap();
+        let key = UserKey::parse(&b64(&user)).unwrap();
+        assert_eq!(
+            check_user_key(&key, EMAIL, SystemTime::now()),
+            Err(KeyError::NoMatchingUserId(EMAIL.into()))
+        );
+    }
+
+    #[test]
+    fn refuses_garbage_secret_and_multiple_keys() {
+        assert_eq!(UserKey::parse("!!!").unwrap_err(), KeyError::Encoding);
+        assert_eq!(UserKey::parse("").unwrap_err(), KeyError::Count(0));
+        assert!(matches!(
+            UserKey::parse(&B64.encode(b"not a key at all")),
+            Err(KeyError::Parse(_) | KeyError::Count(0))
+        ));
+        assert!(matches!(
+            UserKey::parse(
+                "-----BEGIN PGP PUBLIC KEY BLOCK-----\n\nAAAA\n-----END PGP PUBLIC KEY BLOCK-----"
+            ),
+            Err(KeyError::Parse(_) | KeyError::Count(0))
+        ));
+        let user = generate_user_key("Test", EMAIL, false).unwrap();
+        let tsk = B64.encode(user.as_tsk().to_vec().unwrap());
+        assert_eq!(UserKey::parse(&tsk).unwrap_err(), KeyError::SecretMaterial);
+        let other = generate_user_key("Other", EMAIL, false).unwrap();
+        let mut two = user.to_vec().unwrap();
+        two.extend(other.to_vec().unwrap());
+        assert_eq!(
+            UserKey::parse(&B64.encode(two)).unwrap_err(),
+            KeyError::Count(2)
+        );
+        assert_eq!(
+            UserKey::parse(&"A".repeat(200_000)).unwrap_err(),
+            KeyError::TooLarge
+        );
+    }
+
+    #[test]
+    fn refuses_expired_and_revoked_keys() {
+        let t0 = SystemTime::now() - Duration::from_secs(3600);
+        let (cert, rev) = CertBuilder::general_purpose(Some(format!("T <{EMAIL}>")))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_creation_time(t0)
+            .set_validity_period(Duration::from_secs(60))
+            .generate()
+            .unwrap();
+        let key = UserKey::parse(&b64(&cert)).unwrap();
+        assert_eq!(
+            check_user_key(&key, EMAIL, SystemTime::now()),
+            Err(KeyError::NotAlive)
+        );
+        let (cert, rev2) = CertBuilder::general_purpose(Some(format!("T <{EMAIL}>")))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .generate()
+            .unwrap();
+        let _ = rev;
+        let (revoked, _) = cert.insert_packets(rev2).unwrap();
+        let key = UserKey::parse(&b64(&revoked)).unwrap();
+        assert_eq!(
+            check_user_key(&key, EMAIL, SystemTime::now()),
+            Err(KeyError::NotAlive)
+        );
+    }
+
+    #[test]
+    fn refuses_small_rsa_and_non_ed25519_primaries() {
+        for suite in [CipherSuite::P256, CipherSuite::RSA2k] {
+            let (cert, _) = CertBuilder::general_purpose(Some(format!("T <{EMAIL}>")))
+                .set_cipher_suite(suite)
+                .generate()
+                .unwrap();
+            let key = UserKey::parse(&b64(&cert)).unwrap();
+            let r = check_user_key(&key, EMAIL, SystemTime::now());
+            match suite {
+                CipherSuite::P256 => assert_eq!(r, Err(KeyError::Algorithm)),
+                _ => assert_eq!(r, Ok(())),
+            }
+        }
+    }
+
+    #[test]
+    fn tolerates_small_clock_skew_only() {
+        let future = SystemTime::now() + Duration::from_secs(120);
+        let (cert, _) = CertBuilder::general_purpose(Some(format!("T <{EMAIL}>")))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_creation_time(future)
+            .generate()
+            .unwrap();
+        let key = UserKey::parse(&b64(&cert)).unwrap();
+        check_user_key(&key, EMAIL, SystemTime::now()).unwrap();
+        let server = ServerKey::generate("localhost").unwrap();
+        let certified = server.certify(&key, EMAIL, SystemTime::now()).unwrap();
+        assert!(has_certification(
+            &parse_cert(&certified.bytes).unwrap(),
+            server.public_cert(),
+            EMAIL
+        ));
+        let far = SystemTime::now() + Duration::from_secs(86400);
+        let (cert, _) = CertBuilder::general_purpose(Some(format!("T <{EMAIL}>")))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_creation_time(far)
+            .generate()
+            .unwrap();
+        let key = UserKey::parse(&b64(&cert)).unwrap();
+        assert!(matches!(
+            check_user_key(&key, EMAIL, SystemTime::now()),
+            Err(KeyError::Policy(_))
+        ));
+    }
+
+    #[test]
+    fn server_key_round_trips_through_a_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.key");
+        let key = ServerKey::generate("example.org").unwrap();
+        key.save(&path).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(key.save(&path).is_err(), "must not overwrite");
+        let loaded = ServerKey::load(&path).unwrap();
+        assert_eq!(loaded.fingerprint(), key.fingerprint());
+        // A public key alone is no server key.
+        let public = ServerKey::from_bytes(key.public_armored().as_bytes(), "x");
+        assert!(matches!(public, Err(ServerKeyError::Unusable { .. })));
+        let err = ServerKey::from_bytes(b"garbage", "x")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a key"), "{err}");
+    }
+}

@@ -1,0 +1,708 @@
+//! The domain core: start a verification, resend, verify, status, cancel.
+//!
+//! Transports parse their input into [`PhoneNumber`], [`Code`], [`VerificationId`] and
+//! [`UserKey`], call a [`Registrar`] method, and render its result or [`Error`]. The core sees no
+//! XML, HTTP or SQL: it talks to a [`Store`] and to [`Provider`]s, and asks a [`Clock`] for the
+//! time.
+//!
+//! Two rules shape the flows. Persist first, send second: a verification is committed before any
+//! provider is called, so a crash loses nothing and a resend issues a fresh code. And every race
+//! is settled by the store (a unique number, a conditional update), so that instances behind one
+//! database agree.
+
+mod error;
+mod types;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use registrar_providers::{DeliveredCode, ErrorKind, Outgoing, Provider, ProviderError};
+
+pub use error::{Error, Refusal};
+pub use registrar_providers::Challenge;
+pub use types::{BadCode, BadVerificationId, CODE_LENGTHS, Code, VerificationId};
+
+use crate::clock::Clock;
+use crate::openpgp::{self, ServerKey, UserKey};
+use crate::phone::{AccountId, PhoneNumber, PhonePolicy};
+use crate::secret::ServerSecret;
+use crate::store::{
+    AccountRecord, CompleteOutcome, Completion, DeliveryRecord, Renewal, Store, StoreError,
+    VerificationRecord,
+};
+
+/// The rules the core applies, from the validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The XMPP domain of the accounts.
+    pub domain: String,
+    /// Which numbers are accepted.
+    pub phone_policy: PhonePolicy,
+    /// Digits in a generated code.
+    pub code_length: usize,
+    /// How long a code is valid.
+    pub lifetime: Duration,
+    /// Wait between two messages to one verification.
+    pub resend_wait: Duration,
+    /// Code submissions per verification before it locks.
+    pub max_attempts: u32,
+    /// Whether registration is open.
+    pub open: bool,
+    /// Terms of service the client must accept, if any.
+    pub terms_url: Option<String>,
+    /// The service name used in messages.
+    pub service_name: String,
+    /// Challenge used when the client names none.
+    pub default_challenge: Challenge,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            domain: "localhost".into(),
+            phone_policy: PhonePolicy::default(),
+            code_length: 6,
+            lifetime: Duration::from_secs(600),
+            resend_wait: Duration::from_secs(60),
+            max_attempts: 5,
+            open: true,
+            terms_url: None,
+            service_name: "Kontalk".into(),
+            default_challenge: Challenge::Pin,
+        }
+    }
+}
+
+/// A request to start verifying a number.
+#[derive(Debug, Clone)]
+pub struct StartRequest {
+    /// The number.
+    pub phone: PhoneNumber,
+    /// Replace an existing account.
+    pub force: bool,
+    /// The challenge wanted; the default when `None`.
+    pub challenge: Option<Challenge>,
+    /// Whether the client accepted the terms of service.
+    pub accepted_terms: bool,
+}
+
+/// Where a verification stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Waiting for the code.
+    Pending,
+    /// Too many wrong codes.
+    Locked,
+    /// Completed.
+    Verified,
+}
+
+impl State {
+    /// The name used by the transports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Locked => "locked",
+            State::Verified => "verified",
+        }
+    }
+}
+
+/// A verification as shown to its client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    /// Its id.
+    pub id: VerificationId,
+    /// The account being registered.
+    pub account: AccountId,
+    /// The account's JID.
+    pub jid: String,
+    /// The challenge of the last delivery.
+    pub challenge: Challenge,
+    /// Sender id to show (never empty).
+    pub sender: String,
+    /// What the user should do.
+    pub instructions: String,
+    /// Digits the user types.
+    pub code_length: u32,
+    /// When the code expires.
+    pub expires_at: DateTime<Utc>,
+    /// When a resend is allowed.
+    pub next_resend_at: DateTime<Utc>,
+    /// Code submissions left.
+    pub attempts_left: u32,
+    /// Where it stands.
+    pub state: State,
+}
+
+/// A completed registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// The account.
+    pub account: AccountId,
+    /// The account's JID.
+    pub jid: String,
+    /// Fingerprint of the certified key (hex, upper case).
+    pub fingerprint: String,
+    /// The user's key with our certification (binary OpenPGP).
+    pub public_key: Vec<u8>,
+}
+
+/// The registration service's core.
+pub struct Registrar {
+    settings: Settings,
+    store: Arc<dyn Store>,
+    providers: Vec<Arc<dyn Provider>>,
+    server_key: Arc<ServerKey>,
+    secret: ServerSecret,
+    clock: Arc<dyn Clock>,
+}
+
+fn ts(t: DateTime<Utc>) -> i64 {
+    t.timestamp()
+}
+
+fn at(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(secs, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+impl Registrar {
+    /// A core over `store` delivering through `providers` (tried in order).
+    pub fn new(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        providers: Vec<Arc<dyn Provider>>,
+        server_key: Arc<ServerKey>,
+        secret: ServerSecret,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            settings,
+            store,
+            providers,
+            server_key,
+            secret,
+            clock,
+        }
+    }
+
+    /// The rules in force.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The server key.
+    pub fn server_key(&self) -> &ServerKey {
+        &self.server_key
+    }
+
+    /// The store (for health checks).
+    pub fn store(&self) -> &dyn Store {
+        self.store.as_ref()
+    }
+
+    /// The challenges some configured provider can deliver, in protocol order.
+    pub fn challenges(&self) -> Vec<Challenge> {
+        Challenge::ALL
+            .into_iter()
+            .filter(|c| self.providers.iter().any(|p| p.challenges().contains(c)))
+            .collect()
+    }
+
+    /// Parses a number typed by a user under the configured policy. libphonenumber's validity
+    /// check can take milliseconds, so it runs off the async workers.
+    pub async fn parse_phone(&self, input: &str) -> Result<PhoneNumber, Error> {
+        let policy = self.settings.phone_policy.clone();
+        let input = input.to_owned();
+        tokio::task::spawn_blocking(move || policy.parse(&input))
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "phone parsing task failed");
+                Error::Internal
+            })?
+            .map_err(Error::from)
+    }
+
+    fn provider_for(&self, challenge: Challenge) -> Result<&Arc<dyn Provider>, Error> {
+        self.providers
+            .iter()
+            .find(|p| p.challenges().contains(&challenge))
+            .ok_or_else(|| {
+                Error::NoProvider(format!("no configured provider can deliver {challenge}"))
+            })
+    }
+
+    fn provider_named(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+        self.providers.iter().find(|p| p.name() == name)
+    }
+
+    fn log_id(&self, phone: &str) -> String {
+        self.secret.pseudonym("phone", phone)
+    }
+
+    /// Starts verifying a number: refuses an existing account without `force`, stores the
+    /// verification, then has a provider deliver the code.
+    pub async fn start(&self, req: StartRequest) -> Result<Verification, Error> {
+        if !self.settings.open {
+            return Err(Error::NotAllowed(Refusal::RegistrationClosed));
+        }
+        if let Some(url) = &self.settings.terms_url
+            && !req.accepted_terms
+        {
+            return Err(Error::NotAllowed(Refusal::TermsNotAccepted {
+                url: url.clone(),
+            }));
+        }
+        let account = req.phone.account();
+        if !req.force && self.store.account(account.as_str()).await?.is_some() {
+            return Err(Error::Conflict);
+        }
+        let challenge = req.challenge.unwrap_or(self.settings.default_challenge);
+        let provider = self.provider_for(challenge)?.clone();
+        let now = self.clock.now();
+        let replaces = match self.store.verification_by_phone(req.phone.as_str()).await? {
+            Some(old) if old.expires_at > ts(now) && old.verified_at.is_none() => {
+                self.refuse_if_waiting(&old, now)?;
+                Some(old.id)
+            }
+            Some(old) => Some(old.id),
+            None => None,
+        };
+        let id = VerificationId::generate();
+        let code = Code::generate(self.settings.code_length);
+        let record = VerificationRecord {
+            id: id.as_str().to_owned(),
+            phone: req.phone.as_str().to_owned(),
+            account: account.as_str().to_owned(),
+            challenge,
+            force: req.force,
+            code_hash: Some(self.secret.code_hash(id.as_str(), code.as_str())),
+            code_length: code.as_str().len() as u32,
+            provider: None,
+            provider_ref: None,
+            sender: None,
+            attempts: 0,
+            sends: 1,
+            created_at: ts(now),
+            expires_at: ts(now) + secs(self.settings.lifetime),
+            next_resend_at: ts(now) + secs(self.settings.resend_wait),
+            verified_at: None,
+            result_fingerprint: None,
+            result_key: None,
+        };
+        match self
+            .store
+            .create_verification(&record, replaces.as_deref())
+            .await
+        {
+            Ok(()) => {}
+            Err(StoreError::Conflict) => {
+                // Another start for this number won the race: its message is on the way.
+                let retry_at = match self.store.verification_by_phone(req.phone.as_str()).await? {
+                    Some(other) => at(other.next_resend_at),
+                    None => now + chrono::Duration::seconds(1),
+                };
+                return Err(Error::RateLimited { retry_at });
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tracing::info!(
+            verification = %id,
+            phone = %self.log_id(&record.phone),
+            country = req.phone.calling_code(),
+            %challenge,
+            force = req.force,
+            "verification started"
+        );
+        match self.deliver(&record, &code, &provider).await {
+            Ok(record) => Ok(self.view(&record)),
+            Err(e) => {
+                // Nothing reached the user: drop the verification so that the client can start
+                // again at once.
+                self.store.delete_verification(id.as_str()).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Refuses a new message while a live verification is locked or inside its resend wait.
+    fn refuse_if_waiting(&self, v: &VerificationRecord, now: DateTime<Utc>) -> Result<(), Error> {
+        if v.attempts >= self.settings.max_attempts {
+            return Err(Error::Locked {
+                retry_at: at(v.expires_at),
+            });
+        }
+        if v.next_resend_at > ts(now) {
+            return Err(Error::RateLimited {
+                retry_at: at(v.next_resend_at),
+            });
+        }
+        Ok(())
+    }
+
+    fn message_text(&self, challenge: Challenge, code: &Code) -> String {
+        let service = &self.settings.service_name;
+        match challenge {
+            Challenge::Pin => format!("{} is your {service} verification code.", code.as_str()),
+            Challenge::Voice => {
+                let digits: Vec<String> = code.as_str().chars().map(String::from).collect();
+                format!(
+                    "Your {service} verification code is {}. Again: {}.",
+                    digits.join(", "),
+                    digits.join(", ")
+                )
+            }
+            Challenge::MissedCall => format!("{service} verification call"),
+        }
+    }
+
+    /// Sends `code` for `record` through `provider` and records what the provider reported.
+    async fn deliver(
+        &self,
+        record: &VerificationRecord,
+        code: &Code,
+        provider: &Arc<dyn Provider>,
+    ) -> Result<VerificationRecord, Error> {
+        let now = self.clock.now();
+        let valid_for =
+            Duration::from_secs(u64::try_from(record.expires_at - ts(now)).unwrap_or(0));
+        let message = Outgoing {
+            to: record.phone.clone(),
+            challenge: record.challenge,
+            code: code.as_str().to_owned(),
+            text: self.message_text(record.challenge, code),
+            reference: record.id.clone(),
+            valid_for,
+        };
+        let delivery = provider
+            .send(&message)
+            .await
+            .map_err(|e| self.delivery_error(record, e))?;
+        let (code_hash, code_length) = match &delivery.code {
+            DeliveredCode::Ours => (None, record.code_length),
+            DeliveredCode::Chosen(chosen) => (
+                Some(Some(self.secret.code_hash(&record.id, chosen))),
+                chosen.len() as u32,
+            ),
+            DeliveredCode::ProviderChecks => (Some(None), record.code_length),
+        };
+        let sender = if delivery.sender.is_empty() {
+            provider.name().to_owned()
+        } else {
+            delivery.sender.clone()
+        };
+        let d = DeliveryRecord {
+            provider: provider.name().to_owned(),
+            provider_ref: delivery.provider_ref.clone(),
+            sender: sender.clone(),
+            code_hash: code_hash.clone(),
+            code_length,
+        };
+        self.store.record_delivery(&record.id, &d).await?;
+        let mut updated = record.clone();
+        updated.provider = Some(d.provider);
+        updated.provider_ref = d.provider_ref;
+        updated.sender = Some(sender);
+        updated.code_length = code_length;
+        if let Some(h) = code_hash {
+            updated.code_hash = h;
+        }
+        tracing::info!(
+            verification = %record.id,
+            provider = provider.name(),
+            challenge = %record.challenge,
+            "challenge delivered"
+        );
+        Ok(updated)
+    }
+
+    fn delivery_error(&self, record: &VerificationRecord, e: ProviderError) -> Error {
+        tracing::warn!(
+            verification = %record.id,
+            provider = %e.provider,
+            kind = ?e.kind,
+            error = %e.message,
+            "delivery failed"
+        );
+        match e.kind {
+            ErrorKind::InvalidNumber => Error::InvalidPhone(crate::phone::PhoneError::Invalid),
+            ErrorKind::Blocked => Error::NotAllowed(Refusal::DestinationBlocked),
+            ErrorKind::Unsupported => Error::NoProvider(format!(
+                "no configured provider can deliver {}",
+                record.challenge
+            )),
+            ErrorKind::Transient | ErrorKind::Permanent => Error::DeliveryFailed,
+        }
+    }
+
+    async fn live(&self, id: &VerificationId) -> Result<VerificationRecord, Error> {
+        let now = ts(self.clock.now());
+        match self.store.verification(id.as_str()).await? {
+            Some(v) if v.expires_at > now => Ok(v),
+            _ => Err(Error::NotFound),
+        }
+    }
+
+    fn view(&self, v: &VerificationRecord) -> Verification {
+        let account = AccountId::for_stored(&v.account);
+        let state = if v.verified_at.is_some() {
+            State::Verified
+        } else if v.attempts >= self.settings.max_attempts {
+            State::Locked
+        } else {
+            State::Pending
+        };
+        let sender = v.sender.clone().unwrap_or_else(|| "-".into());
+        let instructions = match v.challenge {
+            Challenge::Pin => format!(
+                "A text message with a {}-digit verification code will be sent to {}.",
+                v.code_length, v.phone
+            ),
+            Challenge::Voice => format!(
+                "{} will receive a call that reads out a {}-digit verification code.",
+                v.phone, v.code_length
+            ),
+            Challenge::MissedCall => format!(
+                "{} will receive a missed call from {sender}: type the last {} digits of the \
+                 calling number.",
+                v.phone, v.code_length
+            ),
+        };
+        Verification {
+            id: VerificationId::from_stored(&v.id),
+            jid: account.jid(&self.settings.domain),
+            account,
+            challenge: v.challenge,
+            sender,
+            instructions,
+            code_length: v.code_length,
+            expires_at: at(v.expires_at),
+            next_resend_at: at(v.next_resend_at),
+            attempts_left: self.settings.max_attempts.saturating_sub(v.attempts),
+            state,
+        }
+    }
+
+    /// Sends a fresh code for verification `id`, with another challenge if given, once the
+    /// resend wait has passed.
+    pub async fn resend(
+        &self,
+        id: &VerificationId,
+        challenge: Option<Challenge>,
+    ) -> Result<Verification, Error> {
+        let v = self.live(id).await?;
+        if v.verified_at.is_some() {
+            return Err(Error::AlreadyVerified);
+        }
+        let now = self.clock.now();
+        self.refuse_if_waiting(&v, now)?;
+        let challenge = challenge.unwrap_or(v.challenge);
+        let provider = self.provider_for(challenge)?.clone();
+        let code = Code::generate(self.settings.code_length);
+        let renewal = Renewal {
+            challenge,
+            code_hash: self.secret.code_hash(&v.id, code.as_str()),
+            code_length: code.as_str().len() as u32,
+            expires_at: ts(now) + secs(self.settings.lifetime),
+            next_resend_at: ts(now) + secs(self.settings.resend_wait),
+        };
+        if !self.store.renew_code(&v.id, v.sends, &renewal).await? {
+            // A concurrent resend (or completion) got there first.
+            let retry_at = match self.store.verification(&v.id).await? {
+                Some(now_v) if now_v.verified_at.is_none() => at(now_v.next_resend_at),
+                Some(_) => return Err(Error::AlreadyVerified),
+                None => return Err(Error::NotFound),
+            };
+            return Err(Error::RateLimited { retry_at });
+        }
+        let mut renewed = v.clone();
+        renewed.challenge = challenge;
+        renewed.code_hash = Some(renewal.code_hash);
+        renewed.code_length = renewal.code_length;
+        renewed.expires_at = renewal.expires_at;
+        renewed.next_resend_at = renewal.next_resend_at;
+        renewed.sends += 1;
+        match self.deliver(&renewed, &code, &provider).await {
+            Ok(r) => Ok(self.view(&r)),
+            Err(e) => {
+                // The new code did not go out: let the client ask again at once.
+                self.store.allow_resend(&v.id, ts(now)).await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Where verification `id` stands.
+    pub async fn status(&self, id: &VerificationId) -> Result<Verification, Error> {
+        let v = self.live(id).await?;
+        Ok(self.view(&v))
+    }
+
+    /// Cancels verification `id`.
+    pub async fn cancel(&self, id: &VerificationId) -> Result<(), Error> {
+        self.live(id).await?;
+        if self.store.delete_verification(id.as_str()).await? {
+            tracing::info!(verification = %id, "verification cancelled");
+            Ok(())
+        } else {
+            Err(Error::NotFound)
+        }
+    }
+
+    /// Checks `code` for verification `id` and, when it matches, certifies `key` and stores the
+    /// account. Submitting the same code and key again while the verification lives returns the
+    /// same result.
+    pub async fn verify(
+        &self,
+        id: &VerificationId,
+        code: &Code,
+        key: UserKey,
+    ) -> Result<Registered, Error> {
+        let v = self.live(id).await?;
+        let account = AccountId::for_stored(&v.account);
+        let email = account.jid(&self.settings.domain);
+        if v.verified_at.is_some() {
+            return self.replay(&v, code, &key);
+        }
+        let now = self.clock.now();
+        // The key is judged before a try is spent: a bad key says nothing about the code.
+        let key = {
+            let email = email.clone();
+            let when = std::time::SystemTime::from(now);
+            tokio::task::spawn_blocking(move || {
+                openpgp::check_user_key(&key, &email, when).map(|()| key)
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "key check task failed");
+                Error::Internal
+            })??
+        };
+        if v.attempts >= self.settings.max_attempts {
+            return Err(Error::Locked {
+                retry_at: at(v.expires_at),
+            });
+        }
+        // Spend the try before comparing, so that parallel guesses cannot outrun the counter.
+        let Some(spent) = self
+            .store
+            .take_attempt(&v.id, self.settings.max_attempts, ts(now))
+            .await?
+        else {
+            return match self.live(id).await? {
+                done if done.verified_at.is_some() => self.replay(&done, code, &key),
+                locked => Err(Error::Locked {
+                    retry_at: at(locked.expires_at),
+                }),
+            };
+        };
+        if !self.code_matches(&v, code).await? {
+            let attempts_left = self.settings.max_attempts.saturating_sub(spent);
+            tracing::info!(verification = %v.id, attempts_left, "wrong code");
+            return Err(Error::WrongCode { attempts_left });
+        }
+        let certified = {
+            let server = self.server_key.clone();
+            let when = std::time::SystemTime::from(now);
+            let email = email.clone();
+            let key = key.clone();
+            tokio::task::spawn_blocking(move || server.certify(&key, &email, when))
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "certification task failed");
+                    Error::Internal
+                })?
+                .map_err(|e| {
+                    tracing::error!(error = %e, "certification failed");
+                    Error::Internal
+                })?
+        };
+        let completion = Completion {
+            fingerprint: certified.fingerprint.clone(),
+            public_key: certified.bytes.clone(),
+            replace_account: v.force,
+            now: ts(now),
+        };
+        match self.store.complete(&v.id, &v.account, &completion).await? {
+            CompleteOutcome::Done => {
+                tracing::info!(
+                    verification = %v.id,
+                    account = %account,
+                    fingerprint = %certified.fingerprint,
+                    replaced = v.force,
+                    "account registered"
+                );
+                Ok(Registered {
+                    jid: email,
+                    account,
+                    fingerprint: certified.fingerprint,
+                    public_key: certified.bytes,
+                })
+            }
+            CompleteOutcome::AccountExists => Err(Error::Conflict),
+            CompleteOutcome::NotPending => {
+                // A concurrent submission completed it first.
+                let done = self.live(id).await?;
+                self.replay(&done, code, &key)
+            }
+        }
+    }
+
+    async fn code_matches(&self, v: &VerificationRecord, code: &Code) -> Result<bool, Error> {
+        if let Some(hash) = &v.code_hash {
+            return Ok(self.secret.code_matches(&v.id, code.as_str(), hash));
+        }
+        let (Some(name), Some(reference)) = (&v.provider, &v.provider_ref) else {
+            tracing::error!(verification = %v.id, "no code hash and no provider reference");
+            return Err(Error::Internal);
+        };
+        let Some(provider) = self.provider_named(name) else {
+            tracing::error!(verification = %v.id, provider = %name, "provider is gone");
+            return Err(Error::Internal);
+        };
+        provider.check(reference, code.as_str()).await.map_err(|e| {
+            tracing::warn!(verification = %v.id, error = %e, "provider check failed");
+            Error::DeliveryFailed
+        })
+    }
+
+    /// The stored result of a completed verification, for the same code and key only.
+    fn replay(
+        &self,
+        v: &VerificationRecord,
+        code: &Code,
+        key: &UserKey,
+    ) -> Result<Registered, Error> {
+        let same_code = v
+            .code_hash
+            .as_deref()
+            .is_some_and(|h| self.secret.code_matches(&v.id, code.as_str(), h));
+        match (&v.result_fingerprint, &v.result_key) {
+            (Some(fpr), Some(bytes)) if same_code && *fpr == key.fingerprint() => {
+                let account = AccountId::for_stored(&v.account);
+                Ok(Registered {
+                    jid: account.jid(&self.settings.domain),
+                    account,
+                    fingerprint: fpr.clone(),
+                    public_key: bytes.clone(),
+                })
+            }
+            _ => Err(Error::AlreadyVerified),
+        }
+    }
+
+    /// The account `id`, if registered.
+    pub async fn account(&self, id: &AccountId) -> Result<Option<AccountRecord>, Error> {
+        Ok(self.store.account(id.as_str()).await?)
+    }
+
+    /// Deletes verifications that expired; how many.
+    pub async fn purge_expired(&self) -> Result<u64, Error> {
+        Ok(self.store.purge_expired(ts(self.clock.now())).await?)
+    }
+}

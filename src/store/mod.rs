@@ -1,0 +1,190 @@
+//! Persistence behind a small trait, so that the core never sees SQL.
+//!
+//! Every guarantee that must hold across instances (one pending verification per number, no
+//! outrunning the wrong-try counter, an account created once) is a constraint or a conditional
+//! update in the database, never an in-process lock. Times are Unix seconds.
+
+mod sqlite;
+
+use async_trait::async_trait;
+pub use sqlite::SqliteStore;
+
+use registrar_providers::Challenge;
+
+/// A verification as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerificationRecord {
+    /// Random id (hex).
+    pub id: String,
+    /// E.164 number. Kept only while the verification lives: it is purged with it.
+    pub phone: String,
+    /// Account id (hex SHA-1 of the number).
+    pub account: String,
+    /// The challenge of the last delivery.
+    pub challenge: Challenge,
+    /// Whether the client asked to replace an existing account.
+    pub force: bool,
+    /// Keyed hash of the code; `None` when the provider checks the code.
+    pub code_hash: Option<Vec<u8>>,
+    /// How many digits the user types.
+    pub code_length: u32,
+    /// Name of the provider of the last delivery.
+    pub provider: Option<String>,
+    /// The provider's reference for the last delivery.
+    pub provider_ref: Option<String>,
+    /// Sender id shown to the client.
+    pub sender: Option<String>,
+    /// Code submissions so far, right or wrong.
+    pub attempts: u32,
+    /// Messages sent so far.
+    pub sends: u32,
+    /// When it started.
+    pub created_at: i64,
+    /// When the current code expires.
+    pub expires_at: i64,
+    /// When a resend is allowed.
+    pub next_resend_at: i64,
+    /// When it was completed.
+    pub verified_at: Option<i64>,
+    /// Fingerprint of the key certified on completion.
+    pub result_fingerprint: Option<String>,
+    /// The certified key returned on completion (public data).
+    pub result_key: Option<Vec<u8>>,
+}
+
+/// An account as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountRecord {
+    /// Account id (hex SHA-1 of the number).
+    pub id: String,
+    /// Fingerprint of the current key.
+    pub fingerprint: String,
+    /// The current key with our certification.
+    pub public_key: Vec<u8>,
+    /// First registration.
+    pub created_at: i64,
+    /// Last (forced) registration.
+    pub updated_at: i64,
+}
+
+/// A new code for a verification (a resend).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    /// The challenge for this delivery.
+    pub challenge: Challenge,
+    /// Keyed hash of the new code.
+    pub code_hash: Vec<u8>,
+    /// Digits of the new code.
+    pub code_length: u32,
+    /// New expiry.
+    pub expires_at: i64,
+    /// Next resend.
+    pub next_resend_at: i64,
+}
+
+/// What the provider reported for a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryRecord {
+    /// Provider name.
+    pub provider: String,
+    /// Provider reference.
+    pub provider_ref: Option<String>,
+    /// Sender id for the client.
+    pub sender: String,
+    /// A replacement code hash when the provider chose or checks the code (`Some(None)`: the
+    /// provider checks it).
+    pub code_hash: Option<Option<Vec<u8>>>,
+    /// Digits of the code the user types.
+    pub code_length: u32,
+}
+
+/// The completion of a verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// Fingerprint of the certified key.
+    pub fingerprint: String,
+    /// The certified key.
+    pub public_key: Vec<u8>,
+    /// Whether an existing account may be replaced.
+    pub replace_account: bool,
+    /// Now.
+    pub now: i64,
+}
+
+/// How a completion went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompleteOutcome {
+    /// Verification completed, account stored.
+    Done,
+    /// Another request completed (or removed) the verification first.
+    NotPending,
+    /// The account exists and the verification was not forced.
+    AccountExists,
+}
+
+/// A failure of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness constraint refused the write (another request won a race).
+    #[error("conflicting write")]
+    Conflict,
+    /// The database failed or is unreachable.
+    #[error("database: {0}")]
+    Database(String),
+}
+
+/// What the core needs from persistence.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// The account `id`.
+    async fn account(&self, id: &str) -> Result<Option<AccountRecord>, StoreError>;
+
+    /// The verification `id`, live or not.
+    async fn verification(&self, id: &str) -> Result<Option<VerificationRecord>, StoreError>;
+
+    /// The verification of `phone`, live or not (at most one exists).
+    async fn verification_by_phone(
+        &self,
+        phone: &str,
+    ) -> Result<Option<VerificationRecord>, StoreError>;
+
+    /// Inserts `v`, first deleting verification `replaces` if given, in one transaction.
+    /// [`StoreError::Conflict`] when another verification holds the number or `replaces` was
+    /// already gone (another request replaced it first).
+    async fn create_verification(
+        &self,
+        v: &VerificationRecord,
+        replaces: Option<&str>,
+    ) -> Result<(), StoreError>;
+
+    /// Deletes verification `id`; whether it existed.
+    async fn delete_verification(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Spends one code try if fewer than `max` were spent and the verification is pending and
+    /// live at `now`; the number of tries spent, or `None`.
+    async fn take_attempt(&self, id: &str, max: u32, now: i64) -> Result<Option<u32>, StoreError>;
+
+    /// Records what the provider reported for the last delivery.
+    async fn record_delivery(&self, id: &str, d: &DeliveryRecord) -> Result<(), StoreError>;
+
+    /// Stores a new code if the verification is still pending and `sends` messages were sent
+    /// (so that of two concurrent resends one wins); whether it did.
+    async fn renew_code(&self, id: &str, sends: u32, r: &Renewal) -> Result<bool, StoreError>;
+
+    /// Allows a resend from `at` on (after a failed delivery).
+    async fn allow_resend(&self, id: &str, at: i64) -> Result<(), StoreError>;
+
+    /// Marks the verification completed and stores the account, in one transaction.
+    async fn complete(
+        &self,
+        id: &str,
+        account: &str,
+        c: &Completion,
+    ) -> Result<CompleteOutcome, StoreError>;
+
+    /// Deletes verifications that expired before `now`; how many.
+    async fn purge_expired(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
