@@ -1,1 +1,7 @@
+//! Integration tests: one binary (link time), one module per area. Every test starts the real
+//! service on `127.0.0.1:0` with its own data directory.
 
+mod cli;
+mod gpg;
+mod harness;
+mod http_api;

@@ -1,0 +1,253 @@
+//! Starts the real service for a test: real HTTP listener, real SQLite in a temporary data
+//! directory, a manual clock, and a capturing provider (or the configured ones).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use kontalk_registrar::clock::{Clock, ManualClock};
+use kontalk_registrar::config::Config;
+use kontalk_registrar::{Listeners, Services};
+use registrar_providers::{CapturingProvider, Provider};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const EMULATOR: &str = "+15555215554";
+pub const EMULATOR_ACCOUNT: &str = "4bdd4f929f3a1062253e4e496bafba0bdfb5db75";
+
+pub struct TestServer {
+    pub base: String,
+    pub clock: ManualClock,
+    pub provider: CapturingProvider,
+    pub http: reqwest::Client,
+    pub dir: TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    pub async fn from(r: reqwest::Response) -> Self {
+        TestServer::reply(r).await
+    }
+
+    pub fn problem_type(&self) -> &str {
+        self.body["type"]
+            .as_str()
+            .and_then(|t| t.strip_prefix("urn:kontalk-registrar:problem:"))
+            .unwrap_or("")
+    }
+
+    pub fn retry_after(&self) -> Option<u64> {
+        self.headers
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().parse().unwrap())
+    }
+}
+
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+impl TestServer {
+    /// A server on the embedded defaults with a capturing provider.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A server whose configuration `tweak` adjusts.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = CapturingProvider::new("capture", "12345");
+        let clock = ManualClock::new(chrono::Utc::now());
+        Self::start_in(dir, clock, vec![Arc::new(provider.clone())], provider, tweak).await
+    }
+
+    /// A server in `dir` (kept across restarts) with `providers`.
+    pub async fn start_in(
+        dir: TempDir,
+        clock: ManualClock,
+        providers: Vec<Arc<dyn Provider>>,
+        provider: CapturingProvider,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let mut config = Config::development(dir.path()).unwrap();
+        tweak(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let services = Services {
+            clock: Some(Arc::new(clock.clone()) as Arc<dyn Clock>),
+            providers: Some(providers),
+        };
+        let task = tokio::spawn(kontalk_registrar::run_with(
+            config,
+            Listeners { http: listener },
+            async move {
+                let _ = stopped.await;
+            },
+            services,
+        ));
+        let server = Self {
+            base,
+            clock,
+            provider,
+            http: http_client(),
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        // Wait until it answers (start-up generates the key and runs migrations).
+        for _ in 0..200 {
+            if let Ok(r) = server.http.get(server.url("/healthz")).send().await
+                && r.status().is_success()
+            {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the server did not come up");
+    }
+
+    pub fn clock_now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    async fn reply(r: reqwest::Response) -> Reply {
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        if status >= 400 && status != 405 {
+            assert_eq!(
+                headers["content-type"], "application/problem+json",
+                "errors are problem+json"
+            );
+        }
+        let text = r.text().await.unwrap();
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        Self::reply(self.http.post(self.url(path)).json(&body).send().await.unwrap()).await
+    }
+
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Reply {
+        Self::reply(
+            self.http
+                .post(self.url(path))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        Self::reply(self.http.get(self.url(path)).send().await.unwrap()).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        Self::reply(self.http.delete(self.url(path)).send().await.unwrap()).await
+    }
+
+    /// Starts a verification for `phone`; returns the reply.
+    pub async fn start_verification(&self, phone: &str, force: bool) -> Reply {
+        self.post("/v1/verifications", json!({"phone": phone, "force": force}))
+            .await
+    }
+
+    /// The last code the capturing provider delivered to `phone`.
+    pub fn code_for(&self, phone: &str) -> String {
+        self.provider.last_code(phone).expect("a code was delivered")
+    }
+
+    /// Submits `code` and `key` (binary) for verification `id`.
+    pub async fn submit(&self, id: &str, code: &str, key: &[u8]) -> Reply {
+        self.post(
+            &format!("/v1/verifications/{id}/code"),
+            json!({"code": code, "public_key": b64(key)}),
+        )
+        .await
+    }
+
+    /// Registers `phone` with a fresh Ed25519 key; returns the key and the verify reply.
+    pub async fn register(&self, phone: &str, force: bool) -> (sequoia_openpgp::Cert, Reply) {
+        let started = self.start_verification(phone, force).await;
+        assert_eq!(started.status, 201, "{:?}", started.body);
+        let id = started.body["id"].as_str().unwrap().to_owned();
+        let jid = started.body["account"].as_str().unwrap().to_owned();
+        let key = user_key(&jid);
+        let reply = self
+            .submit(&id, &self.code_for(phone), &public(&key))
+            .await;
+        (key, reply)
+    }
+
+    /// Stops the server gracefully and returns its data directory.
+    pub async fn stop(mut self) -> TempDir {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    /// Kills the server without a graceful shutdown (a crash) and returns its data directory.
+    pub fn crash(mut self) -> TempDir {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn unb64(text: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
+}
+
+/// A client key whose User ID names `jid`, as Kontalk clients make them.
+pub fn user_key(jid: &str) -> sequoia_openpgp::Cert {
+    kontalk_registrar::openpgp::generate_user_key("Test User", jid, false).unwrap()
+}
+
+pub fn public(cert: &sequoia_openpgp::Cert) -> Vec<u8> {
+    kontalk_registrar::openpgp::public_bytes(cert).unwrap()
+}

@@ -1,0 +1,580 @@
+//! The JSON API end to end: every flow and every bad input the foundation issue lists.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use kontalk_registrar::openpgp;
+use kontalk_registrar::store::{SqliteStore, Store};
+use registrar_providers::{
+    CapturingProvider, Challenge, Delivery, ErrorKind, Outgoing, Provider, ProviderError,
+};
+use serde_json::json;
+
+use crate::harness::*;
+
+fn id_of(r: &Reply) -> String {
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    r.body["id"].as_str().unwrap().to_owned()
+}
+
+fn jid() -> String {
+    format!("{EMULATOR_ACCOUNT}@localhost")
+}
+
+async fn open_store(server: &TestServer) -> SqliteStore {
+    let url = format!("sqlite://{}", server.dir.path().join("registrar.db").display());
+    SqliteStore::open(&url, 1).await.unwrap()
+}
+
+#[tokio::test]
+async fn happy_path_registers_and_certifies_the_key() {
+    let s = TestServer::start().await;
+    let now = s.clock_now();
+    let started = s.start_verification("+1 555-521-5554", false).await;
+    let id = id_of(&started);
+    let b = &started.body;
+    assert_eq!(id.len(), 32);
+    assert_eq!(b["account"], jid());
+    assert_eq!(b["challenge"], "pin");
+    assert_eq!(b["sender"], "12345");
+    assert_eq!(b["code_length"], 6);
+    assert_eq!(b["attempts_left"], 5);
+    assert_eq!(b["status"], "pending");
+    assert!(b["instructions"].as_str().unwrap().contains("6-digit"));
+    let expires = chrono::DateTime::parse_from_rfc3339(b["expires_at"].as_str().unwrap()).unwrap();
+    let resend = chrono::DateTime::parse_from_rfc3339(b["next_resend_at"].as_str().unwrap()).unwrap();
+    assert!((expires.timestamp() - now.timestamp() - 600).abs() <= 1);
+    assert!((resend.timestamp() - now.timestamp() - 60).abs() <= 1);
+
+    let sent = s.provider.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].to, EMULATOR);
+    assert_eq!(sent[0].challenge, Challenge::Pin);
+    assert_eq!(sent[0].reference, id);
+    assert!(sent[0].text.contains(&sent[0].code));
+    assert!(sent[0].valid_for <= Duration::from_secs(600));
+
+    let key = user_key(&jid());
+    let reply = s.submit(&id, &s.code_for(EMULATOR), &public(&key)).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["account"], jid());
+    assert_eq!(reply.body["fingerprint"], key.fingerprint().to_hex());
+    let certified = openpgp::parse_cert(&unb64(reply.body["public_key"].as_str().unwrap())).unwrap();
+    assert!(!certified.is_tsk(), "no secret material is returned");
+
+    let server_key = s.http.get(s.url("/v1/server-key")).send().await.unwrap();
+    assert_eq!(server_key.headers()["content-type"], "application/pgp-keys");
+    let server_cert = openpgp::parse_cert(&server_key.bytes().await.unwrap()).unwrap();
+    assert!(openpgp::has_certification(&certified, &server_cert, &jid()));
+    assert!(!openpgp::has_certification(&public_cert(&key), &server_cert, &jid()));
+
+    let status = s.get(&format!("/v1/verifications/{id}")).await;
+    assert_eq!(status.body["status"], "verified");
+    let account = open_store(&s).await.account(EMULATOR_ACCOUNT).await.unwrap().unwrap();
+    assert_eq!(account.fingerprint, key.fingerprint().to_hex());
+}
+
+fn public_cert(key: &sequoia_openpgp::Cert) -> sequoia_openpgp::Cert {
+    openpgp::parse_cert(&public(key)).unwrap()
+}
+
+#[tokio::test]
+async fn armored_keys_are_accepted_too() {
+    let s = TestServer::start().await;
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let key = user_key(&jid());
+    let armored = String::from_utf8(openpgp::public_armored(&key).unwrap()).unwrap();
+    let reply = s
+        .post(
+            &format!("/v1/verifications/{id}/code"),
+            json!({"code": s.code_for(EMULATOR), "public_key": armored}),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+}
+
+#[tokio::test]
+async fn conflict_then_force_replaces_the_key() {
+    let s = TestServer::start().await;
+    let (first, reply) = s.register(EMULATOR, false).await;
+    assert_eq!(reply.status, 200);
+
+    let again = s.start_verification(EMULATOR, false).await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.problem_type(), "conflict");
+    assert!(again.body["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("Another user is registered with the same id."));
+    assert_eq!(s.provider.sent().len(), 1, "a conflict sends nothing");
+
+    let (second, reply) = s.register(EMULATOR, true).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_ne!(first.fingerprint(), second.fingerprint());
+    let account = open_store(&s).await.account(EMULATOR_ACCOUNT).await.unwrap().unwrap();
+    assert_eq!(account.fingerprint, second.fingerprint().to_hex());
+}
+
+#[tokio::test]
+async fn wrong_codes_lock_the_verification_until_it_expires() {
+    let s = TestServer::start().await;
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let right = s.code_for(EMULATOR);
+    let wrong = if right == "000000" { "111111" } else { "000000" };
+    let key = public(&user_key(&jid()));
+    for left in (0..5).rev() {
+        let r = s.submit(&id, wrong, &key).await;
+        assert_eq!(r.status, 422, "{:?}", r.body);
+        assert_eq!(r.problem_type(), "wrong-code");
+        assert_eq!(r.body["attempts_left"], left);
+    }
+    // Locked: even the right code is refused now.
+    let r = s.submit(&id, &right, &key).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.problem_type(), "locked");
+    let retry = r.retry_after().unwrap();
+    assert!((595..=600).contains(&retry), "{retry}");
+    assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.body["status"], "locked");
+    // A new start for the number cannot get around the lock, nor can a resend.
+    s.clock.advance(Duration::from_secs(120));
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!((r.status, r.problem_type()), (429, "locked"));
+    let r = s.post(&format!("/v1/verifications/{id}/resend"), json!({})).await;
+    assert_eq!((r.status, r.problem_type()), (429, "locked"));
+    // Once it expired, the number can start again.
+    s.clock.advance(Duration::from_secs(481));
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn a_successful_submission_replays_and_nothing_else_does() {
+    let s = TestServer::start().await;
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let code = s.code_for(EMULATOR);
+    let key = public(&user_key(&jid()));
+    let first = s.submit(&id, &code, &key).await;
+    assert_eq!(first.status, 200);
+    let again = s.submit(&id, &code, &key).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(first.body, again.body, "the stored result comes back");
+
+    let other_key = public(&user_key(&jid()));
+    let r = s.submit(&id, &code, &other_key).await;
+    assert_eq!((r.status, r.problem_type()), (409, "already-verified"));
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let r = s.submit(&id, wrong, &key).await;
+    assert_eq!((r.status, r.problem_type()), (409, "already-verified"));
+    // Once the verification expired, the replay is gone too.
+    s.clock.advance(Duration::from_secs(601));
+    let r = s.submit(&id, &code, &key).await;
+    assert_eq!((r.status, r.problem_type()), (404, "not-found"));
+}
+
+#[tokio::test]
+async fn resend_waits_then_sends_a_fresh_code() {
+    let s = TestServer::start().await;
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let old = s.code_for(EMULATOR);
+    let path = format!("/v1/verifications/{id}/resend");
+    let r = s.post(&path, json!({})).await;
+    assert_eq!((r.status, r.problem_type()), (429, "rate-limited"));
+    assert_eq!(r.retry_after(), Some(60));
+    assert!(r.body["retry_at"].is_string());
+    s.clock.advance(Duration::from_secs(30));
+    let r = s.post_raw(&path, "").await;
+    assert_eq!(r.status, 429, "an empty body is a resend with no options");
+    assert_eq!(r.retry_after(), Some(30));
+    assert_eq!(s.provider.sent().len(), 1);
+
+    s.clock.advance(Duration::from_secs(31));
+    let r = s.post(&path, json!({"challenge": "voice"})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["id"], id);
+    assert_eq!(r.body["challenge"], "voice");
+    let sent = s.provider.sent();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[1].challenge, Challenge::Voice);
+    let fresh = s.code_for(EMULATOR);
+    let key = public(&user_key(&jid()));
+    if fresh != old {
+        let r = s.submit(&id, &old, &key).await;
+        assert_eq!(r.problem_type(), "wrong-code", "the old code is void");
+    }
+    let r = s.submit(&id, &fresh, &key).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = s.post(&path, json!({})).await;
+    assert_eq!(r.status, 409, "nothing to resend after completion");
+}
+
+#[tokio::test]
+async fn expired_verifications_are_gone_and_purged() {
+    let s = TestServer::start().await;
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let code = s.code_for(EMULATOR);
+    s.clock.advance(Duration::from_secs(599));
+    assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.status, 200);
+    s.clock.advance(Duration::from_secs(1));
+    let key = public(&user_key(&jid()));
+    for r in [
+        s.submit(&id, &code, &key).await,
+        s.get(&format!("/v1/verifications/{id}")).await,
+        s.post(&format!("/v1/verifications/{id}/resend"), json!({})).await,
+        s.delete(&format!("/v1/verifications/{id}")).await,
+    ] {
+        assert_eq!((r.status, r.problem_type()), (404, "not-found"));
+    }
+    let store = open_store(&s).await;
+    let now = s.clock_now().timestamp();
+    assert_eq!(store.purge_expired(now).await.unwrap(), 1);
+    assert!(store.verification_by_phone(EMULATOR).await.unwrap().is_none());
+    // A new verification for the number starts normally.
+    assert_eq!(s.start_verification(EMULATOR, false).await.status, 201);
+}
+
+#[tokio::test]
+async fn cancel_removes_the_verification() {
+    let s = TestServer::start().await;
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let r = s.delete(&format!("/v1/verifications/{id}")).await;
+    assert_eq!(r.status, 204);
+    let key = public(&user_key(&jid()));
+    let r = s.submit(&id, &s.code_for(EMULATOR), &key).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(s.delete(&format!("/v1/verifications/{id}")).await.status, 404);
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_ids_are_not_found() {
+    let s = TestServer::start().await;
+    let key = public(&user_key(&jid()));
+    for id in ["0123456789abcdef0123456789abcdef", "..%2F..%2Fetc", "x", "ABCDEF0123456789ABCDEF0123456789"] {
+        assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.status, 404);
+        let r = s.submit(id, "123456", &key).await;
+        assert_eq!((r.status, r.problem_type()), (404, "not-found"), "{id}");
+        assert_eq!(s.post(&format!("/v1/verifications/{id}/resend"), json!({})).await.status, 404);
+    }
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400_and_huge_ones_413() {
+    let s = TestServer::start().await;
+    for body in [
+        "{not json",
+        "[]",
+        "{\"phone\": 5}",
+        "{\"force\": true}",
+        "{\"phone\": \"+15555215554\", \"challenge\": \"callerid\"}",
+        "{\"phone\": \"+15555215554\", \"force\": \"yes\"}",
+        "\u{0}\u{1}",
+    ] {
+        let r = s.post_raw("/v1/verifications", body).await;
+        assert_eq!((r.status, r.problem_type()), (400, "bad-request"), "{body:?}: {:?}", r.body);
+    }
+    let huge = format!("{{\"phone\": \"{}\"}}", "1".repeat(100 * 1024));
+    let r = s.post_raw("/v1/verifications", huge).await;
+    assert_eq!((r.status, r.problem_type()), (413, "payload-too-large"));
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let path = format!("/v1/verifications/{id}/code");
+    let r = s.post_raw(&path, "{\"code\": \"123456\"}").await;
+    assert_eq!(r.status, 400, "missing public_key");
+    let r = s
+        .post(&path, json!({"code": "12ab56", "public_key": "AAAA"}))
+        .await;
+    assert_eq!(r.status, 400, "a code is digits");
+    let r = s.post_raw(&path, "x".repeat(70 * 1024)).await;
+    assert_eq!(r.status, 413);
+    // Nothing above spent a try.
+    assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.body["attempts_left"], 5);
+    // Unknown routes and methods are problems too.
+    let r = s.get("/v1/nothing").await;
+    assert_eq!((r.status, r.problem_type()), (404, "no-route"));
+    let r = Reply::from(s.http.put(s.url("/v1/verifications")).send().await.unwrap()).await;
+    assert_eq!(r.status, 405);
+}
+
+#[tokio::test]
+async fn bad_keys_are_refused_without_spending_a_try() {
+    let s = TestServer::start().await;
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let code = s.code_for(EMULATOR);
+    let path = format!("/v1/verifications/{id}/code");
+    let other_account = user_key("0000000000000000000000000000000000000000@localhost");
+    let other_domain = user_key(&format!("{EMULATOR_ACCOUNT}@example.org"));
+    let secret = openpgp::secret_armored(&user_key(&jid())).unwrap();
+    let cases: Vec<String> = vec![
+        b64(&public(&other_account)),
+        b64(&public(&other_domain)),
+        String::from_utf8(secret).unwrap(),
+        "!!! not base64".into(),
+        b64(b"not an OpenPGP key"),
+        String::new(),
+        b64(&[public(&user_key(&jid())), public(&user_key(&jid()))].concat()),
+    ];
+    for key in cases {
+        let r = s.post(&path, json!({"code": code, "public_key": key})).await;
+        assert_eq!(r.status, 422, "{:?}", r.body);
+        assert_eq!(r.problem_type(), "bad-key", "{:?}", r.body);
+    }
+    assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.body["attempts_left"], 5);
+    let r = s.submit(&id, &code, &public(&user_key(&jid()))).await;
+    assert_eq!(r.status, 200, "the right code and key still work");
+}
+
+#[tokio::test]
+async fn invalid_numbers_are_422_and_send_nothing() {
+    let s = TestServer::start().await;
+    for phone in ["", "garbage", "5555215554", "+999 1234567", "+1 555 CALL NOW", "+1", "+15555215554;ext=1", &"9".repeat(5000)] {
+        let r = s.start_verification(phone, false).await;
+        assert_eq!(r.status, 422, "{phone:?}: {:?}", r.body);
+        assert_eq!(r.problem_type(), "invalid-phone");
+    }
+    assert!(s.provider.sent().is_empty());
+}
+
+#[tokio::test]
+async fn production_phone_policy_refuses_fictional_numbers() {
+    let s = TestServer::start_with(|c| c.settings.phone_policy.accept_fictional = false).await;
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!((r.status, r.problem_type()), (422, "invalid-phone"));
+    let r = s.start_verification("+39 899 123456", false).await;
+    assert_eq!(r.status, 422, "premium rate");
+    assert!(r.body["detail"].as_str().unwrap().contains("premium_rate"));
+    let r = s.start_verification("+44 7911 123456", false).await;
+    assert_eq!(r.status, 201, "a real mobile number: {:?}", r.body);
+}
+
+#[tokio::test]
+async fn closed_registration_and_terms() {
+    let s = TestServer::start_with(|c| c.settings.open = false).await;
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!((r.status, r.problem_type()), (403, "registration-closed"));
+
+    let terms = "https://example.org/terms";
+    let s = TestServer::start_with(|c| c.settings.terms_url = Some(terms.into())).await;
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!((r.status, r.problem_type()), (403, "terms-not-accepted"));
+    assert_eq!(r.body["terms_url"], terms);
+    let r = s
+        .post("/v1/verifications", json!({"phone": EMULATOR, "accept_terms": true}))
+        .await;
+    assert_eq!(r.status, 201);
+}
+
+#[tokio::test]
+async fn provider_failures_map_to_errors_and_leave_the_number_free() {
+    let s = TestServer::start().await;
+    s.provider
+        .fail_next(ProviderError::new("capture", ErrorKind::Transient, "gateway timeout"));
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!((r.status, r.problem_type()), (502, "delivery-failed"));
+    assert!(!r.body.to_string().contains("gateway timeout"), "provider internals stay in the log");
+    // Nothing was delivered, so the client may start again at once.
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+
+    s.provider
+        .fail_next(ProviderError::new("capture", ErrorKind::InvalidNumber, "not a number"));
+    let r = s.start_verification("+15555215556", false).await;
+    assert_eq!((r.status, r.problem_type()), (422, "invalid-phone"));
+    s.provider
+        .fail_next(ProviderError::new("capture", ErrorKind::Blocked, "blocked"));
+    let r = s.start_verification("+15555215556", false).await;
+    assert_eq!((r.status, r.problem_type()), (403, "destination-blocked"));
+
+    // A failed resend can be retried at once.
+    s.clock.advance(Duration::from_secs(61));
+    s.provider
+        .fail_next(ProviderError::new("capture", ErrorKind::Transient, "down"));
+    let path = format!("/v1/verifications/{id}/resend");
+    assert_eq!(s.post(&path, json!({})).await.status, 502);
+    let r = s.post(&path, json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
+
+#[tokio::test]
+async fn a_challenge_no_provider_offers_is_refused() {
+    let pin_only = CapturingProvider::new("pin-only", "1").with_challenges(vec![Challenge::Pin]);
+    let s = TestServer::start_in(
+        tempfile::tempdir().unwrap(),
+        kontalk_registrar::clock::ManualClock::new(chrono::Utc::now()),
+        vec![Arc::new(pin_only.clone())],
+        pin_only,
+        |_| {},
+    )
+    .await;
+    let r = s
+        .post("/v1/verifications", json!({"phone": EMULATOR, "challenge": "missedcall"}))
+        .await;
+    assert_eq!((r.status, r.problem_type()), (502, "no-provider"));
+    assert!(s.provider.sent().is_empty());
+}
+
+/// A provider that, while delivering, checks through the API that the verification is already
+/// stored: persist first, send second.
+struct CheckingProvider {
+    base: Arc<std::sync::OnceLock<String>>,
+    inner: CapturingProvider,
+}
+
+#[async_trait]
+impl Provider for CheckingProvider {
+    fn name(&self) -> &str {
+        "checking"
+    }
+    async fn send(&self, m: &Outgoing) -> Result<Delivery, ProviderError> {
+        let base = self.base.get().expect("server started");
+        let r = http_client()
+            .get(format!("{base}/v1/verifications/{}", m.reference))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "the verification must be stored before sending");
+        self.inner.send(m).await
+    }
+}
+
+#[tokio::test]
+async fn the_verification_is_stored_before_the_provider_is_called() {
+    let base = Arc::new(std::sync::OnceLock::new());
+    let capture = CapturingProvider::new("c", "1");
+    let checking = Arc::new(CheckingProvider {
+        base: base.clone(),
+        inner: capture.clone(),
+    });
+    let s = TestServer::start_in(
+        tempfile::tempdir().unwrap(),
+        kontalk_registrar::clock::ManualClock::new(chrono::Utc::now()),
+        vec![checking],
+        capture,
+        |_| {},
+    )
+    .await;
+    base.set(s.base.clone()).unwrap();
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(s.provider.sent().len(), 1, "the checking provider delivered");
+}
+
+/// A provider that records the verification and never returns: the process "crashes" while
+/// the message is in flight.
+struct HangingProvider(Arc<std::sync::Mutex<Option<String>>>);
+
+#[async_trait]
+impl Provider for HangingProvider {
+    fn name(&self) -> &str {
+        "hanging"
+    }
+    async fn send(&self, m: &Outgoing) -> Result<Delivery, ProviderError> {
+        *self.0.lock().unwrap() = Some(m.reference.clone());
+        std::future::pending().await
+    }
+}
+
+#[tokio::test]
+async fn a_crash_between_store_and_send_leaves_a_verification_whose_resend_works() {
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let clock = kontalk_registrar::clock::ManualClock::new(chrono::Utc::now());
+    let s = TestServer::start_in(
+        tempfile::tempdir().unwrap(),
+        clock.clone(),
+        vec![Arc::new(HangingProvider(seen.clone()))],
+        CapturingProvider::new("unused", "1"),
+        |_| {},
+    )
+    .await;
+    let url = s.url("/v1/verifications");
+    let client = s.http.clone();
+    let request = tokio::spawn(async move {
+        client.post(url).json(&json!({"phone": EMULATOR})).send().await
+    });
+    let id = loop {
+        if let Some(id) = seen.lock().unwrap().clone() {
+            break id;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let dir = s.crash();
+    request.abort();
+
+    // The service comes back on the same data directory with a working provider.
+    let capture = CapturingProvider::new("capture", "12345");
+    let s = TestServer::start_in(dir, clock, vec![Arc::new(capture.clone())], capture, |_| {}).await;
+    let status = s.get(&format!("/v1/verifications/{id}")).await;
+    assert_eq!(status.status, 200, "the verification survived the crash");
+    s.clock.advance(Duration::from_secs(61));
+    let r = s.post(&format!("/v1/verifications/{id}/resend"), json!({})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let reply = s.submit(&id, &s.code_for(EMULATOR), &public(&user_key(&jid()))).await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+}
+
+#[tokio::test]
+async fn concurrent_starts_create_one_verification_and_send_one_message() {
+    let s = Arc::new(TestServer::start().await);
+    let replies = futures_join(8, |_| {
+        let s = s.clone();
+        async move { s.start_verification(EMULATOR, false).await }
+    })
+    .await;
+    let created: Vec<_> = replies.iter().filter(|r| r.status == 201).collect();
+    assert_eq!(created.len(), 1, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(replies
+        .iter()
+        .filter(|r| r.status != 201)
+        .all(|r| r.status == 429 && r.retry_after().is_some()));
+    assert_eq!(s.provider.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_submissions_create_the_account_once_and_cannot_outrun_the_counter() {
+    let s = Arc::new(TestServer::start().await);
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let right = s.code_for(EMULATOR);
+    let wrong = if right == "000000" { "111111" } else { "000000" }.to_owned();
+    let key = public(&user_key(&jid()));
+    // Twenty parallel wrong guesses: exactly five are judged, the rest find it locked.
+    let replies = futures_join(20, |_| {
+        let (s, id, wrong, key) = (s.clone(), id.clone(), wrong.clone(), key.clone());
+        async move { s.submit(&id, &wrong, &key).await }
+    })
+    .await;
+    let judged = replies.iter().filter(|r| r.status == 422).count();
+    let locked = replies.iter().filter(|r| r.status == 429).count();
+    assert_eq!((judged, locked), (5, 15));
+
+    // A fresh number: the right code submitted five times at once (every submission spends a
+    // try, so up to max_attempts duplicates are judged) registers once, with one stored result.
+    let phone = "+15555215556";
+    let id = id_of(&s.start_verification(phone, false).await);
+    let code = s.code_for(phone);
+    let account = s.get(&format!("/v1/verifications/{id}")).await.body["account"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let key = public(&user_key(&account));
+    let replies = futures_join(5, |_| {
+        let (s, id, code, key) = (s.clone(), id.clone(), code.clone(), key.clone());
+        async move { s.submit(&id, &code, &key).await }
+    })
+    .await;
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![200; 5]);
+    assert!(replies.windows(2).all(|w| w[0].body == w[1].body), "one stored result");
+    // Later duplicates replay the stored result as well.
+    let later = s.submit(&id, &code, &key).await;
+    assert_eq!(later.body, replies[0].body);
+}
+
+async fn futures_join<F, Fut>(n: usize, f: F) -> Vec<Reply>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Reply> + Send + 'static,
+{
+    let handles: Vec<_> = (0..n).map(|i| tokio::spawn(f(i))).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
