@@ -699,4 +699,54 @@ mod tests {
             Ok(())
         });
     }
+
+    #[test]
+    fn the_example_file_parses_states_the_defaults_and_documents_every_key() {
+        let example = include_str!("../registrar.example.toml");
+        Jail::expect_with(|jail| {
+            jail.create_file("example.toml", example)?;
+            let parsed: FileConfig = Figment::new()
+                .merge(Toml::file_exact("example.toml"))
+                .extract()?;
+            let mut expected = FileConfig::default();
+            let dev = FileConfig::default().validate().unwrap().providers;
+            expected.providers = dev.clone();
+            assert_eq!(parsed, expected, "the example must state the defaults");
+            Config::load(Some(Path::new("example.toml")), &Overrides::default()).unwrap();
+
+            let mut keys = Vec::new();
+            fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+                if let serde_json::Value::Object(map) = v {
+                    for (k, v) in map {
+                        match v {
+                            serde_json::Value::Object(_) => walk(k, v, out),
+                            _ => out.push(format!("{prefix}.{k}")),
+                        }
+                    }
+                }
+            }
+            walk(
+                "",
+                &serde_json::to_value(FileConfig::default()).unwrap(),
+                &mut keys,
+            );
+            walk(
+                "providers",
+                &serde_json::to_value(&dev[0]).unwrap(),
+                &mut keys,
+            );
+            for key in keys {
+                let name = key.rsplit('.').next().unwrap();
+                let documented = example.lines().any(|l| {
+                    let l = l.trim_start_matches('#').trim_start();
+                    l.starts_with(&format!("{name} =")) || l.starts_with(&format!("{name}:"))
+                });
+                assert!(
+                    documented || name == "providers",
+                    "{key} is not in the example"
+                );
+            }
+            Ok(())
+        });
+    }
 }

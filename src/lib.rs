@@ -270,3 +270,35 @@ pub async fn run_with(
         .serve(listeners, shutdown)
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sequoia_openpgp::cert::prelude::*;
+    use sequoia_openpgp::serialize::SerializeInto;
+
+    #[test]
+    fn an_rsa_server_key_is_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (rsa, _) = CertBuilder::new()
+            .set_cipher_suite(CipherSuite::RSA2k)
+            .set_primary_key_flags(sequoia_openpgp::types::KeyFlags::empty().set_certification())
+            .add_userid("rsa <registrar@localhost>")
+            .generate()
+            .unwrap();
+        let path = dir.path().join("rsa.asc");
+        std::fs::write(&path, rsa.as_tsk().armored().to_vec().unwrap()).unwrap();
+        let mut config = Config::development(dir.path()).unwrap();
+        config.key_file = path;
+        config.allow_rsa_key = false;
+        let e = load_server_key(&config).unwrap_err().to_string();
+        assert!(e.contains("RSA") && e.contains("allow_rsa_key"), "{e}");
+        config.allow_rsa_key = true;
+        assert!(load_server_key(&config).unwrap().is_rsa());
+        // Production does not generate a missing key.
+        config.key_file = dir.path().join("missing.asc");
+        config.generate_key = false;
+        assert!(load_server_key(&config).is_err());
+        assert!(!config.key_file.exists());
+    }
+}

@@ -12,7 +12,11 @@ use crate::harness::*;
 const BIN: &str = env!("CARGO_BIN_EXE_kontalk-registrar");
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 struct Served(Child);
@@ -60,13 +64,23 @@ fn newcomer_serves_defaults_and_registers_with_the_client() {
     let dir = tempfile::tempdir().unwrap();
     let (_server, url) = serve(dir.path(), &[]);
     let data = dir.path().join("data");
-    assert!(data.join("server-key.asc").exists(), "a development key was generated");
+    assert!(
+        data.join("server-key.asc").exists(),
+        "a development key was generated"
+    );
     assert!(data.join("server-secret").exists());
     assert!(data.join("registrar.db").exists());
 
     let out = dir.path().join("keys");
     let mut client = Command::new(BIN)
-        .args(["client", "register", "+1 555 521 5554", "--server", &url, "--out"])
+        .args([
+            "client",
+            "register",
+            "+1 555 521 5554",
+            "--server",
+            &url,
+            "--out",
+        ])
         .arg(&out)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -86,8 +100,15 @@ fn newcomer_serves_defaults_and_registers_with_the_client() {
     writeln!(client.stdin.take().unwrap(), "{code}").unwrap();
     let result = client.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&result.stdout);
-    assert!(result.status.success(), "{stdout}{}", String::from_utf8_lossy(&result.stderr));
-    assert!(stdout.contains(&format!("registered {EMULATOR_ACCOUNT}@localhost")), "{stdout}");
+    assert!(
+        result.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("registered {EMULATOR_ACCOUNT}@localhost")),
+        "{stdout}"
+    );
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(stderr.contains("Verification code:"), "{stderr}");
 
@@ -101,13 +122,20 @@ fn newcomer_serves_defaults_and_registers_with_the_client() {
         &format!("{EMULATOR_ACCOUNT}@localhost")
     ));
     let secret = out.join(format!("{EMULATOR_ACCOUNT}.key.asc"));
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&secret).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&secret).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
-    assert!(kontalk_registrar::openpgp::parse_cert(&std::fs::read(&secret).unwrap()).unwrap().is_tsk());
+    assert!(
+        kontalk_registrar::openpgp::parse_cert(&std::fs::read(&secret).unwrap())
+            .unwrap()
+            .is_tsk()
+    );
 
     // Registering again without --force is a conflict the client explains.
     let again = Command::new(BIN)
-        .args(["client", "register", EMULATOR, "--server", &url, "--code", "000000", "--out"])
+        .args([
+            "client", "register", EMULATOR, "--server", &url, "--code", "000000", "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
@@ -117,12 +145,18 @@ fn newcomer_serves_defaults_and_registers_with_the_client() {
     // With --force and a code given up front (read from the outbox once it is sent), the
     // client replaces the key; a wrong code given up front is reported, not retried.
     let wrong = Command::new(BIN)
-        .args(["client", "register", EMULATOR, "--server", &url, "--force", "--code", "1", "--out"])
+        .args([
+            "client", "register", EMULATOR, "--server", &url, "--force", "--code", "1", "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();
     assert!(!wrong.status.success());
-    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong code"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("wrong code"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
 }
 
 #[test]
@@ -137,20 +171,33 @@ fn keygen_and_export_server_key() {
     assert!(out.status.success());
     let fpr = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     assert_eq!(fpr.len(), 40);
-    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
-    let again = Command::new(BIN).args(["keygen", "--out"]).arg(&key).output().unwrap();
+    let again = Command::new(BIN)
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
     assert!(!again.status.success(), "keygen never overwrites a key");
 
     let config = dir.path().join("registrar.toml");
-    std::fs::write(&config, format!("[server]\nkey_file = {:?}\n", key.to_str().unwrap())).unwrap();
+    std::fs::write(
+        &config,
+        format!("[server]\nkey_file = {:?}\n", key.to_str().unwrap()),
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .current_dir(dir.path())
         .args(["export-server-key", "--config"])
         .arg(&config)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("-----BEGIN PGP PUBLIC KEY BLOCK-----"));
     assert!(!text.contains("PRIVATE"));
@@ -166,7 +213,11 @@ fn migrate_creates_the_database() {
         .args(["migrate", "--data-dir", "d"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(dir.path().join("d/registrar.db").exists());
 }
 
@@ -175,7 +226,10 @@ fn bad_configuration_is_refused_at_start_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [
         ("[http]\nlisen = \"127.0.0.1:1\"\n", "lisen"),
-        ("[verification]\ncode_length = 12\n", "verification.code_length"),
+        (
+            "[verification]\ncode_length = 12\n",
+            "verification.code_length",
+        ),
         ("mode = \"production\"\n", "server.key_file"),
     ];
     for (toml, key) in cases {
@@ -199,7 +253,10 @@ fn bad_configuration_is_refused_at_start_naming_the_key() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("server.secret") && !stderr.contains("too-short-secret-value"), "{stderr}");
+    assert!(
+        stderr.contains("server.secret") && !stderr.contains("too-short-secret-value"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -217,7 +274,10 @@ fn serve_logs_no_codes_or_numbers() {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let lines = std::thread::spawn(move || {
-        BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>()
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
     });
     let served = Served(child);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -244,7 +304,10 @@ fn serve_logs_no_codes_or_numbers() {
     let log = lines.join("\n");
     assert!(log.contains("verification started"), "{log}");
     assert!(!log.contains(&code), "a code reached the log:\n{log}");
-    assert!(!log.contains("5555215554"), "a number reached the log:\n{log}");
+    assert!(
+        !log.contains("5555215554"),
+        "a number reached the log:\n{log}"
+    );
     let secret = std::fs::read_to_string(dir.path().join("data/server-secret")).unwrap();
     assert!(!log.contains(secret.trim()));
     drop(served);

@@ -8,9 +8,15 @@ use crate::harness::*;
 
 /// gpg is installed by the test script; on CI its absence is a failure, not a skip.
 fn gpg_available() -> bool {
-    let ok = Command::new("gpg").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("gpg")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
-        assert!(std::env::var_os("CI").is_none(), "gpg is missing on CI: run scripts/test");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "gpg is missing on CI: run scripts/test"
+        );
         eprintln!("gpg not installed: skipping (scripts/test installs it)");
     }
     ok
@@ -20,7 +26,14 @@ fn gpg(home: &Path, args: &[&str]) -> String {
     let out = Command::new("gpg")
         .arg("--homedir")
         .arg(home)
-        .args(["--batch", "--no-tty", "--pinentry-mode", "loopback", "--passphrase", ""])
+        .args([
+            "--batch",
+            "--no-tty",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "",
+        ])
         .args(args)
         .output()
         .expect("gpg runs");
@@ -40,7 +53,11 @@ fn gpg_bytes(home: &Path, args: &[&str]) -> Vec<u8> {
         .args(args)
         .output()
         .expect("gpg runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -60,7 +77,10 @@ async fn register_gpg_key(primary: &str, subkeys: &[(&str, &str)]) {
         return;
     }
     let s = TestServer::start().await;
-    let home = tempfile::Builder::new().prefix("g").tempdir_in("/tmp").unwrap();
+    let home = tempfile::Builder::new()
+        .prefix("g")
+        .tempdir_in("/tmp")
+        .unwrap();
     std::fs::set_permissions(
         home.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
@@ -71,10 +91,16 @@ async fn register_gpg_key(primary: &str, subkeys: &[(&str, &str)]) {
     let id = started.body["id"].as_str().unwrap().to_owned();
     let jid = started.body["account"].as_str().unwrap().to_owned();
     let uid = format!("Kontalk Test <{jid}>");
-    gpg(home.path(), &["--quick-gen-key", &uid, primary, "cert", "never"]);
+    gpg(
+        home.path(),
+        &["--quick-gen-key", &uid, primary, "cert", "never"],
+    );
     let fpr = fingerprint(home.path());
     for (algo, usage) in subkeys {
-        gpg(home.path(), &["--quick-add-key", &fpr, algo, usage, "never"]);
+        gpg(
+            home.path(),
+            &["--quick-add-key", &fpr, algo, usage, "never"],
+        );
     }
     let exported = gpg_bytes(home.path(), &["--export", &fpr]);
     assert!(!exported.is_empty());
@@ -84,9 +110,21 @@ async fn register_gpg_key(primary: &str, subkeys: &[(&str, &str)]) {
     assert_eq!(reply.body["fingerprint"].as_str().unwrap(), fpr);
 
     let certified = home.path().join("certified.gpg");
-    std::fs::write(&certified, unb64(reply.body["public_key"].as_str().unwrap())).unwrap();
+    std::fs::write(
+        &certified,
+        unb64(reply.body["public_key"].as_str().unwrap()),
+    )
+    .unwrap();
     let server_key = home.path().join("server.asc");
-    let armored = s.http.get(s.url("/v1/server-key")).send().await.unwrap().bytes().await.unwrap();
+    let armored = s
+        .http
+        .get(s.url("/v1/server-key"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     std::fs::write(&server_key, &armored).unwrap();
     gpg(home.path(), &["--import", server_key.to_str().unwrap()]);
     gpg(home.path(), &["--import", certified.to_str().unwrap()]);
@@ -102,12 +140,24 @@ async fn register_gpg_key(primary: &str, subkeys: &[(&str, &str)]) {
         .lines()
         .filter(|l| l.starts_with("sig:") && l.split(':').nth(4) == Some(server_keyid))
         .collect();
-    assert_eq!(ours.len(), 1, "one certification by the server key:\n{sigs}");
+    assert_eq!(
+        ours.len(),
+        1,
+        "one certification by the server key:\n{sigs}"
+    );
     let fields: Vec<&str> = ours[0].split(':').collect();
     assert_eq!(fields[1], "!", "gpg verifies our certification:\n{sigs}");
-    assert!(fields[10].starts_with("10"), "generic certification (0x10):\n{sigs}");
+    assert!(
+        fields[10].starts_with("10"),
+        "generic certification (0x10):\n{sigs}"
+    );
     // And the user's own self-signatures still verify.
-    assert!(sigs.lines().filter(|l| l.starts_with("sig:")).all(|l| l.starts_with("sig:!:")), "{sigs}");
+    assert!(
+        sigs.lines()
+            .filter(|l| l.starts_with("sig:"))
+            .all(|l| l.starts_with("sig:!:")),
+        "{sigs}"
+    );
 }
 
 #[tokio::test]
@@ -122,5 +172,9 @@ async fn gpg_ed25519_key_registers_and_gpg_accepts_the_certification() {
 
 #[tokio::test]
 async fn gpg_rsa2048_with_p256_subkeys_registers_as_kontalk_android_keys_are() {
-    register_gpg_key("rsa2048", &[("nistp256/ecdsa", "sign"), ("nistp256", "encr")]).await;
+    register_gpg_key(
+        "rsa2048",
+        &[("nistp256/ecdsa", "sign"), ("nistp256", "encr")],
+    )
+    .await;
 }

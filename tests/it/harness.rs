@@ -68,7 +68,14 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let provider = CapturingProvider::new("capture", "12345");
         let clock = ManualClock::new(chrono::Utc::now());
-        Self::start_in(dir, clock, vec![Arc::new(provider.clone())], provider, tweak).await
+        Self::start_in(
+            dir,
+            clock,
+            vec![Arc::new(provider.clone())],
+            provider,
+            tweak,
+        )
+        .await
     }
 
     /// A server in `dir` (kept across restarts) with `providers`.
@@ -148,7 +155,15 @@ impl TestServer {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Reply {
-        Self::reply(self.http.post(self.url(path)).json(&body).send().await.unwrap()).await
+        Self::reply(
+            self.http
+                .post(self.url(path))
+                .json(&body)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await
     }
 
     pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Reply {
@@ -162,6 +177,12 @@ impl TestServer {
                 .unwrap(),
         )
         .await
+    }
+
+    pub async fn get_text(&self, path: &str) -> String {
+        let r = self.http.get(self.url(path)).send().await.unwrap();
+        assert!(r.status().is_success());
+        r.text().await.unwrap()
     }
 
     pub async fn get(&self, path: &str) -> Reply {
@@ -180,7 +201,9 @@ impl TestServer {
 
     /// The last code the capturing provider delivered to `phone`.
     pub fn code_for(&self, phone: &str) -> String {
-        self.provider.last_code(phone).expect("a code was delivered")
+        self.provider
+            .last_code(phone)
+            .expect("a code was delivered")
     }
 
     /// Submits `code` and `key` (binary) for verification `id`.
@@ -199,9 +222,7 @@ impl TestServer {
         let id = started.body["id"].as_str().unwrap().to_owned();
         let jid = started.body["account"].as_str().unwrap().to_owned();
         let key = user_key(&jid);
-        let reply = self
-            .submit(&id, &self.code_for(phone), &public(&key))
-            .await;
+        let reply = self.submit(&id, &self.code_for(phone), &public(&key)).await;
         (key, reply)
     }
 
@@ -240,7 +261,9 @@ pub fn b64(bytes: &[u8]) -> String {
 }
 
 pub fn unb64(text: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
 }
 
 /// A client key whose User ID names `jid`, as Kontalk clients make them.

@@ -23,7 +23,10 @@ fn jid() -> String {
 }
 
 async fn open_store(server: &TestServer) -> SqliteStore {
-    let url = format!("sqlite://{}", server.dir.path().join("registrar.db").display());
+    let url = format!(
+        "sqlite://{}",
+        server.dir.path().join("registrar.db").display()
+    );
     SqliteStore::open(&url, 1).await.unwrap()
 }
 
@@ -43,7 +46,8 @@ async fn happy_path_registers_and_certifies_the_key() {
     assert_eq!(b["status"], "pending");
     assert!(b["instructions"].as_str().unwrap().contains("6-digit"));
     let expires = chrono::DateTime::parse_from_rfc3339(b["expires_at"].as_str().unwrap()).unwrap();
-    let resend = chrono::DateTime::parse_from_rfc3339(b["next_resend_at"].as_str().unwrap()).unwrap();
+    let resend =
+        chrono::DateTime::parse_from_rfc3339(b["next_resend_at"].as_str().unwrap()).unwrap();
     assert!((expires.timestamp() - now.timestamp() - 600).abs() <= 1);
     assert!((resend.timestamp() - now.timestamp() - 60).abs() <= 1);
 
@@ -60,18 +64,28 @@ async fn happy_path_registers_and_certifies_the_key() {
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_eq!(reply.body["account"], jid());
     assert_eq!(reply.body["fingerprint"], key.fingerprint().to_hex());
-    let certified = openpgp::parse_cert(&unb64(reply.body["public_key"].as_str().unwrap())).unwrap();
+    let certified =
+        openpgp::parse_cert(&unb64(reply.body["public_key"].as_str().unwrap())).unwrap();
     assert!(!certified.is_tsk(), "no secret material is returned");
 
     let server_key = s.http.get(s.url("/v1/server-key")).send().await.unwrap();
     assert_eq!(server_key.headers()["content-type"], "application/pgp-keys");
     let server_cert = openpgp::parse_cert(&server_key.bytes().await.unwrap()).unwrap();
     assert!(openpgp::has_certification(&certified, &server_cert, &jid()));
-    assert!(!openpgp::has_certification(&public_cert(&key), &server_cert, &jid()));
+    assert!(!openpgp::has_certification(
+        &public_cert(&key),
+        &server_cert,
+        &jid()
+    ));
 
     let status = s.get(&format!("/v1/verifications/{id}")).await;
     assert_eq!(status.body["status"], "verified");
-    let account = open_store(&s).await.account(EMULATOR_ACCOUNT).await.unwrap().unwrap();
+    let account = open_store(&s)
+        .await
+        .account(EMULATOR_ACCOUNT)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(account.fingerprint, key.fingerprint().to_hex());
 }
 
@@ -103,16 +117,23 @@ async fn conflict_then_force_replaces_the_key() {
     let again = s.start_verification(EMULATOR, false).await;
     assert_eq!(again.status, 409);
     assert_eq!(again.problem_type(), "conflict");
-    assert!(again.body["detail"]
-        .as_str()
-        .unwrap()
-        .starts_with("Another user is registered with the same id."));
+    assert!(
+        again.body["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("Another user is registered with the same id.")
+    );
     assert_eq!(s.provider.sent().len(), 1, "a conflict sends nothing");
 
     let (second, reply) = s.register(EMULATOR, true).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_ne!(first.fingerprint(), second.fingerprint());
-    let account = open_store(&s).await.account(EMULATOR_ACCOUNT).await.unwrap().unwrap();
+    let account = open_store(&s)
+        .await
+        .account(EMULATOR_ACCOUNT)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(account.fingerprint, second.fingerprint().to_hex());
 }
 
@@ -121,7 +142,11 @@ async fn wrong_codes_lock_the_verification_until_it_expires() {
     let s = TestServer::start().await;
     let id = id_of(&s.start_verification(EMULATOR, false).await);
     let right = s.code_for(EMULATOR);
-    let wrong = if right == "000000" { "111111" } else { "000000" };
+    let wrong = if right == "000000" {
+        "111111"
+    } else {
+        "000000"
+    };
     let key = public(&user_key(&jid()));
     for left in (0..5).rev() {
         let r = s.submit(&id, wrong, &key).await;
@@ -135,12 +160,17 @@ async fn wrong_codes_lock_the_verification_until_it_expires() {
     assert_eq!(r.problem_type(), "locked");
     let retry = r.retry_after().unwrap();
     assert!((595..=600).contains(&retry), "{retry}");
-    assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.body["status"], "locked");
+    assert_eq!(
+        s.get(&format!("/v1/verifications/{id}")).await.body["status"],
+        "locked"
+    );
     // A new start for the number cannot get around the lock, nor can a resend.
     s.clock.advance(Duration::from_secs(120));
     let r = s.start_verification(EMULATOR, false).await;
     assert_eq!((r.status, r.problem_type()), (429, "locked"));
-    let r = s.post(&format!("/v1/verifications/{id}/resend"), json!({})).await;
+    let r = s
+        .post(&format!("/v1/verifications/{id}/resend"), json!({}))
+        .await;
     assert_eq!((r.status, r.problem_type()), (429, "locked"));
     // Once it expired, the number can start again.
     s.clock.advance(Duration::from_secs(481));
@@ -220,7 +250,8 @@ async fn expired_verifications_are_gone_and_purged() {
     for r in [
         s.submit(&id, &code, &key).await,
         s.get(&format!("/v1/verifications/{id}")).await,
-        s.post(&format!("/v1/verifications/{id}/resend"), json!({})).await,
+        s.post(&format!("/v1/verifications/{id}/resend"), json!({}))
+            .await,
         s.delete(&format!("/v1/verifications/{id}")).await,
     ] {
         assert_eq!((r.status, r.problem_type()), (404, "not-found"));
@@ -228,7 +259,13 @@ async fn expired_verifications_are_gone_and_purged() {
     let store = open_store(&s).await;
     let now = s.clock_now().timestamp();
     assert_eq!(store.purge_expired(now).await.unwrap(), 1);
-    assert!(store.verification_by_phone(EMULATOR).await.unwrap().is_none());
+    assert!(
+        store
+            .verification_by_phone(EMULATOR)
+            .await
+            .unwrap()
+            .is_none()
+    );
     // A new verification for the number starts normally.
     assert_eq!(s.start_verification(EMULATOR, false).await.status, 201);
 }
@@ -242,18 +279,31 @@ async fn cancel_removes_the_verification() {
     let key = public(&user_key(&jid()));
     let r = s.submit(&id, &s.code_for(EMULATOR), &key).await;
     assert_eq!(r.status, 404);
-    assert_eq!(s.delete(&format!("/v1/verifications/{id}")).await.status, 404);
+    assert_eq!(
+        s.delete(&format!("/v1/verifications/{id}")).await.status,
+        404
+    );
 }
 
 #[tokio::test]
 async fn unknown_and_malformed_ids_are_not_found() {
     let s = TestServer::start().await;
     let key = public(&user_key(&jid()));
-    for id in ["0123456789abcdef0123456789abcdef", "..%2F..%2Fetc", "x", "ABCDEF0123456789ABCDEF0123456789"] {
+    for id in [
+        "0123456789abcdef0123456789abcdef",
+        "..%2F..%2Fetc",
+        "x",
+        "ABCDEF0123456789ABCDEF0123456789",
+    ] {
         assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.status, 404);
         let r = s.submit(id, "123456", &key).await;
         assert_eq!((r.status, r.problem_type()), (404, "not-found"), "{id}");
-        assert_eq!(s.post(&format!("/v1/verifications/{id}/resend"), json!({})).await.status, 404);
+        assert_eq!(
+            s.post(&format!("/v1/verifications/{id}/resend"), json!({}))
+                .await
+                .status,
+            404
+        );
     }
 }
 
@@ -270,7 +320,12 @@ async fn malformed_requests_are_400_and_huge_ones_413() {
         "\u{0}\u{1}",
     ] {
         let r = s.post_raw("/v1/verifications", body).await;
-        assert_eq!((r.status, r.problem_type()), (400, "bad-request"), "{body:?}: {:?}", r.body);
+        assert_eq!(
+            (r.status, r.problem_type()),
+            (400, "bad-request"),
+            "{body:?}: {:?}",
+            r.body
+        );
     }
     let huge = format!("{{\"phone\": \"{}\"}}", "1".repeat(100 * 1024));
     let r = s.post_raw("/v1/verifications", huge).await;
@@ -286,7 +341,10 @@ async fn malformed_requests_are_400_and_huge_ones_413() {
     let r = s.post_raw(&path, "x".repeat(70 * 1024)).await;
     assert_eq!(r.status, 413);
     // Nothing above spent a try.
-    assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.body["attempts_left"], 5);
+    assert_eq!(
+        s.get(&format!("/v1/verifications/{id}")).await.body["attempts_left"],
+        5
+    );
     // Unknown routes and methods are problems too.
     let r = s.get("/v1/nothing").await;
     assert_eq!((r.status, r.problem_type()), (404, "no-route"));
@@ -313,11 +371,16 @@ async fn bad_keys_are_refused_without_spending_a_try() {
         b64(&[public(&user_key(&jid())), public(&user_key(&jid()))].concat()),
     ];
     for key in cases {
-        let r = s.post(&path, json!({"code": code, "public_key": key})).await;
+        let r = s
+            .post(&path, json!({"code": code, "public_key": key}))
+            .await;
         assert_eq!(r.status, 422, "{:?}", r.body);
         assert_eq!(r.problem_type(), "bad-key", "{:?}", r.body);
     }
-    assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.body["attempts_left"], 5);
+    assert_eq!(
+        s.get(&format!("/v1/verifications/{id}")).await.body["attempts_left"],
+        5
+    );
     let r = s.submit(&id, &code, &public(&user_key(&jid()))).await;
     assert_eq!(r.status, 200, "the right code and key still work");
 }
@@ -325,7 +388,16 @@ async fn bad_keys_are_refused_without_spending_a_try() {
 #[tokio::test]
 async fn invalid_numbers_are_422_and_send_nothing() {
     let s = TestServer::start().await;
-    for phone in ["", "garbage", "5555215554", "+999 1234567", "+1 555 CALL NOW", "+1", "+15555215554;ext=1", &"9".repeat(5000)] {
+    for phone in [
+        "",
+        "garbage",
+        "5555215554",
+        "+999 1234567",
+        "+1 555 CALL NOW",
+        "+1",
+        "+15555215554;ext=1",
+        &"9".repeat(5000),
+    ] {
         let r = s.start_verification(phone, false).await;
         assert_eq!(r.status, 422, "{phone:?}: {:?}", r.body);
         assert_eq!(r.problem_type(), "invalid-phone");
@@ -357,7 +429,10 @@ async fn closed_registration_and_terms() {
     assert_eq!((r.status, r.problem_type()), (403, "terms-not-accepted"));
     assert_eq!(r.body["terms_url"], terms);
     let r = s
-        .post("/v1/verifications", json!({"phone": EMULATOR, "accept_terms": true}))
+        .post(
+            "/v1/verifications",
+            json!({"phone": EMULATOR, "accept_terms": true}),
+        )
         .await;
     assert_eq!(r.status, 201);
 }
@@ -365,16 +440,25 @@ async fn closed_registration_and_terms() {
 #[tokio::test]
 async fn provider_failures_map_to_errors_and_leave_the_number_free() {
     let s = TestServer::start().await;
-    s.provider
-        .fail_next(ProviderError::new("capture", ErrorKind::Transient, "gateway timeout"));
+    s.provider.fail_next(ProviderError::new(
+        "capture",
+        ErrorKind::Transient,
+        "gateway timeout",
+    ));
     let r = s.start_verification(EMULATOR, false).await;
     assert_eq!((r.status, r.problem_type()), (502, "delivery-failed"));
-    assert!(!r.body.to_string().contains("gateway timeout"), "provider internals stay in the log");
+    assert!(
+        !r.body.to_string().contains("gateway timeout"),
+        "provider internals stay in the log"
+    );
     // Nothing was delivered, so the client may start again at once.
     let id = id_of(&s.start_verification(EMULATOR, false).await);
 
-    s.provider
-        .fail_next(ProviderError::new("capture", ErrorKind::InvalidNumber, "not a number"));
+    s.provider.fail_next(ProviderError::new(
+        "capture",
+        ErrorKind::InvalidNumber,
+        "not a number",
+    ));
     let r = s.start_verification("+15555215556", false).await;
     assert_eq!((r.status, r.problem_type()), (422, "invalid-phone"));
     s.provider
@@ -404,7 +488,10 @@ async fn a_challenge_no_provider_offers_is_refused() {
     )
     .await;
     let r = s
-        .post("/v1/verifications", json!({"phone": EMULATOR, "challenge": "missedcall"}))
+        .post(
+            "/v1/verifications",
+            json!({"phone": EMULATOR, "challenge": "missedcall"}),
+        )
         .await;
     assert_eq!((r.status, r.problem_type()), (502, "no-provider"));
     assert!(s.provider.sent().is_empty());
@@ -429,7 +516,11 @@ impl Provider for CheckingProvider {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 200, "the verification must be stored before sending");
+        assert_eq!(
+            r.status(),
+            200,
+            "the verification must be stored before sending"
+        );
         self.inner.send(m).await
     }
 }
@@ -453,7 +544,11 @@ async fn the_verification_is_stored_before_the_provider_is_called() {
     base.set(s.base.clone()).unwrap();
     let r = s.start_verification(EMULATOR, false).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
-    assert_eq!(s.provider.sent().len(), 1, "the checking provider delivered");
+    assert_eq!(
+        s.provider.sent().len(),
+        1,
+        "the checking provider delivered"
+    );
 }
 
 /// A provider that records the verification and never returns: the process "crashes" while
@@ -486,7 +581,11 @@ async fn a_crash_between_store_and_send_leaves_a_verification_whose_resend_works
     let url = s.url("/v1/verifications");
     let client = s.http.clone();
     let request = tokio::spawn(async move {
-        client.post(url).json(&json!({"phone": EMULATOR})).send().await
+        client
+            .post(url)
+            .json(&json!({"phone": EMULATOR}))
+            .send()
+            .await
     });
     let id = loop {
         if let Some(id) = seen.lock().unwrap().clone() {
@@ -499,13 +598,18 @@ async fn a_crash_between_store_and_send_leaves_a_verification_whose_resend_works
 
     // The service comes back on the same data directory with a working provider.
     let capture = CapturingProvider::new("capture", "12345");
-    let s = TestServer::start_in(dir, clock, vec![Arc::new(capture.clone())], capture, |_| {}).await;
+    let s =
+        TestServer::start_in(dir, clock, vec![Arc::new(capture.clone())], capture, |_| {}).await;
     let status = s.get(&format!("/v1/verifications/{id}")).await;
     assert_eq!(status.status, 200, "the verification survived the crash");
     s.clock.advance(Duration::from_secs(61));
-    let r = s.post(&format!("/v1/verifications/{id}/resend"), json!({})).await;
+    let r = s
+        .post(&format!("/v1/verifications/{id}/resend"), json!({}))
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let reply = s.submit(&id, &s.code_for(EMULATOR), &public(&user_key(&jid()))).await;
+    let reply = s
+        .submit(&id, &s.code_for(EMULATOR), &public(&user_key(&jid())))
+        .await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
 }
 
@@ -518,11 +622,18 @@ async fn concurrent_starts_create_one_verification_and_send_one_message() {
     })
     .await;
     let created: Vec<_> = replies.iter().filter(|r| r.status == 201).collect();
-    assert_eq!(created.len(), 1, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
-    assert!(replies
-        .iter()
-        .filter(|r| r.status != 201)
-        .all(|r| r.status == 429 && r.retry_after().is_some()));
+    assert_eq!(
+        created.len(),
+        1,
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(
+        replies
+            .iter()
+            .filter(|r| r.status != 201)
+            .all(|r| r.status == 429 && r.retry_after().is_some())
+    );
     assert_eq!(s.provider.sent().len(), 1);
 }
 
@@ -531,7 +642,12 @@ async fn concurrent_submissions_create_the_account_once_and_cannot_outrun_the_co
     let s = Arc::new(TestServer::start().await);
     let id = id_of(&s.start_verification(EMULATOR, false).await);
     let right = s.code_for(EMULATOR);
-    let wrong = if right == "000000" { "111111" } else { "000000" }.to_owned();
+    let wrong = if right == "000000" {
+        "111111"
+    } else {
+        "000000"
+    }
+    .to_owned();
     let key = public(&user_key(&jid()));
     // Twenty parallel wrong guesses: exactly five are judged, the rest find it locked.
     let replies = futures_join(20, |_| {
@@ -560,7 +676,10 @@ async fn concurrent_submissions_create_the_account_once_and_cannot_outrun_the_co
     .await;
     let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
     assert_eq!(statuses, vec![200; 5]);
-    assert!(replies.windows(2).all(|w| w[0].body == w[1].body), "one stored result");
+    assert!(
+        replies.windows(2).all(|w| w[0].body == w[1].body),
+        "one stored result"
+    );
     // Later duplicates replay the stored result as well.
     let later = s.submit(&id, &code, &key).await;
     assert_eq!(later.body, replies[0].body);
@@ -577,4 +696,31 @@ where
         out.push(h.await.unwrap());
     }
     out
+}
+
+#[tokio::test]
+async fn a_restart_keeps_the_server_key_the_secret_and_the_accounts() {
+    let s = TestServer::start().await;
+    let (_, reply) = s.register(EMULATOR, false).await;
+    assert_eq!(reply.status, 200);
+    let key_before = s.get_text("/v1/server-key").await;
+    // A verification in progress survives a graceful restart too: its code hash was made with
+    // the persisted secret.
+    let id = id_of(&s.start_verification("+15555215556", false).await);
+    let code = s.code_for("+15555215556");
+    let clock = s.clock.clone();
+    let dir = s.stop().await;
+
+    let capture = CapturingProvider::new("capture", "12345");
+    let s =
+        TestServer::start_in(dir, clock, vec![Arc::new(capture.clone())], capture, |_| {}).await;
+    assert_eq!(s.get_text("/v1/server-key").await, key_before);
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!(r.status, 409, "the account survived");
+    let account = s.get(&format!("/v1/verifications/{id}")).await.body["account"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = s.submit(&id, &code, &public(&user_key(&account))).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
 }
