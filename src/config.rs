@@ -19,6 +19,30 @@ use crate::secret::ServerSecret;
 /// Environment variables with this prefix overlay the file.
 pub const ENV_PREFIX: &str = "REGISTRAR_";
 
+/// A secret from the configuration: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret text.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
 /// Development (embedded defaults allowed) or production (everything explicit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -52,6 +76,8 @@ pub struct FileConfig {
     pub phone: PhoneSection,
     /// `[[providers]]`, tried in order.
     pub providers: Vec<ProviderConfig>,
+    /// `[xmpp]`.
+    pub xmpp: XmppSection,
     /// `[log]`.
     pub log: LogSection,
 }
@@ -68,6 +94,7 @@ impl Default for FileConfig {
             verification: VerificationSection::default(),
             phone: PhoneSection::default(),
             providers: Vec::new(),
+            xmpp: XmppSection::default(),
             log: LogSection::default(),
         }
     }
@@ -84,7 +111,7 @@ pub struct ServerSection {
     /// File holding the server secret.
     pub secret_file: Option<PathBuf>,
     /// The server secret itself (prefer `REGISTRAR_SERVER__SECRET` to writing it in a file).
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
     /// Allow an RSA server key in production.
     pub allow_rsa_key: bool,
 }
@@ -99,6 +126,41 @@ impl Default for ServerSection {
             allow_rsa_key: false,
         }
     }
+}
+
+/// `[xmpp]`: the XMPP transports.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct XmppSection {
+    /// `[xmpp.component]`: serve in-band registration as an external component (XEP-0114).
+    pub component: Option<ComponentSection>,
+}
+
+fn default_component_server() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 5347))
+}
+fn default_ping_interval() -> u64 {
+    60
+}
+
+/// `[xmpp.component]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentSection {
+    /// The XMPP server's component port (an IP address and port).
+    #[serde(default = "default_component_server")]
+    pub server: SocketAddr,
+    /// The component's JID, as the server's `Component` entry names it.
+    pub jid: String,
+    /// The shared secret (prefer `REGISTRAR_XMPP__COMPONENT__SECRET`).
+    #[serde(default)]
+    pub secret: Option<Secret>,
+    /// A file holding the shared secret.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+    /// Seconds of silence after which the component pings the server.
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval_seconds: u64,
 }
 
 /// `[http]`.
@@ -171,8 +233,10 @@ pub struct VerificationSection {
     pub lifetime_seconds: u64,
     /// Seconds between two messages for one verification.
     pub resend_wait_seconds: u64,
-    /// Code submissions before the verification locks.
+    /// Code submissions per requester (the HTTP client, or one XMPP JID) before it is refused.
     pub max_attempts: u32,
+    /// Code submissions per verification, all requesters together, before it locks.
+    pub max_attempts_total: u32,
     /// Challenge when the client names none.
     pub default_challenge: Challenge,
 }
@@ -184,6 +248,7 @@ impl Default for VerificationSection {
             lifetime_seconds: 600,
             resend_wait_seconds: 60,
             max_attempts: 5,
+            max_attempts_total: 15,
             default_challenge: Challenge::Pin,
         }
     }
@@ -302,8 +367,30 @@ pub struct Config {
     pub settings: Settings,
     /// Providers, in order.
     pub providers: Vec<ProviderConfig>,
+    /// The XMPP component, if configured.
+    pub xmpp_component: Option<ComponentConfig>,
     /// Log filter.
     pub log_filter: String,
+}
+
+/// The validated `[xmpp.component]`.
+#[derive(Debug, Clone)]
+pub struct ComponentConfig {
+    /// Server address.
+    pub server: SocketAddr,
+    /// Component JID.
+    pub jid: String,
+    /// Shared secret.
+    pub secret: Secret,
+    /// Silence before a keepalive ping.
+    pub ping_interval: Duration,
+}
+
+fn valid_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && d.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
 }
 
 /// A configuration that cannot be used; the text names the key.
@@ -376,12 +463,7 @@ impl FileConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let production = self.mode == Mode::Production;
         let domain = self.server.domain.trim().to_ascii_lowercase();
-        if domain.is_empty()
-            || domain.len() > 253
-            || !domain
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-        {
+        if !valid_domain(&domain) {
             return Err(bad(
                 "server.domain",
                 format!("{:?} is not a domain name", self.server.domain),
@@ -408,6 +490,12 @@ impl FileConfig {
         }
         if !(1..=20).contains(&v.max_attempts) {
             return Err(bad("verification.max_attempts", "must be between 1 and 20"));
+        }
+        if !(v.max_attempts..=100).contains(&v.max_attempts_total) {
+            return Err(bad(
+                "verification.max_attempts_total",
+                "must be between verification.max_attempts and 100",
+            ));
         }
         if !(1024..=1024 * 1024).contains(&self.http.max_body_bytes) {
             return Err(bad(
@@ -446,7 +534,7 @@ impl FileConfig {
                 ));
             }
             (Some(text), None, _) => SecretSource::Inline(
-                ServerSecret::from_text(text).map_err(|e| bad("server.secret", e))?,
+                ServerSecret::from_text(text.expose()).map_err(|e| bad("server.secret", e))?,
             ),
             (None, Some(p), _) => SecretSource::File {
                 path: p.clone(),
@@ -526,6 +614,55 @@ impl FileConfig {
             None => format!("sqlite://{}", self.data_dir.join("registrar.db").display()),
         };
 
+        let xmpp_component = match &self.xmpp.component {
+            None => None,
+            Some(c) => {
+                let jid = c.jid.trim().to_ascii_lowercase();
+                if !valid_domain(&jid) {
+                    return Err(bad(
+                        "xmpp.component.jid",
+                        format!("{:?} is not a component JID (a domain name)", c.jid),
+                    ));
+                }
+                let secret = match (&c.secret, &c.secret_file) {
+                    (Some(s), None) => s.clone(),
+                    (None, Some(path)) => Secret(
+                        std::fs::read_to_string(path)
+                            .map_err(|e| {
+                                bad(
+                                    "xmpp.component.secret_file",
+                                    format!("{}: {e}", path.display()),
+                                )
+                            })?
+                            .trim()
+                            .to_owned(),
+                    ),
+                    _ => {
+                        return Err(bad(
+                            "xmpp.component.secret",
+                            "set exactly one of xmpp.component.secret (or \
+                             REGISTRAR_XMPP__COMPONENT__SECRET) and xmpp.component.secret_file",
+                        ));
+                    }
+                };
+                if secret.expose().is_empty() {
+                    return Err(bad("xmpp.component.secret", "must not be empty"));
+                }
+                if !(5..=3600).contains(&c.ping_interval_seconds) {
+                    return Err(bad(
+                        "xmpp.component.ping_interval_seconds",
+                        "must be between 5 and 3600",
+                    ));
+                }
+                Some(ComponentConfig {
+                    server: c.server,
+                    jid,
+                    secret,
+                    ping_interval: Duration::from_secs(c.ping_interval_seconds),
+                })
+            }
+        };
+
         let settings = Settings {
             domain,
             phone_policy: PhonePolicy {
@@ -536,6 +673,7 @@ impl FileConfig {
             lifetime: Duration::from_secs(v.lifetime_seconds),
             resend_wait: Duration::from_secs(v.resend_wait_seconds),
             max_attempts: v.max_attempts,
+            max_attempts_total: v.max_attempts_total,
             open: self.registration.open,
             terms_url: self.registration.terms_url.clone(),
             service_name: self.registration.service_name.clone(),
@@ -554,6 +692,7 @@ impl FileConfig {
             database_max_connections: self.database.max_connections,
             settings,
             providers,
+            xmpp_component,
             log_filter: self.log.filter,
         })
     }
@@ -725,11 +864,15 @@ mod tests {
                     }
                 }
             }
-            walk(
-                "",
-                &serde_json::to_value(FileConfig::default()).unwrap(),
-                &mut keys,
-            );
+            let mut sample = FileConfig::default();
+            sample.xmpp.component = Some(ComponentSection {
+                server: default_component_server(),
+                jid: "register.localhost".into(),
+                secret: Some("s".into()),
+                secret_file: Some("f".into()),
+                ping_interval_seconds: 60,
+            });
+            walk("", &serde_json::to_value(sample).unwrap(), &mut keys);
             walk(
                 "providers",
                 &serde_json::to_value(&dev[0]).unwrap(),
@@ -746,6 +889,41 @@ mod tests {
                     "{key} is not in the example"
                 );
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn component_settings_are_checked_and_the_secret_is_redacted() {
+        Jail::expect_with(|jail| {
+            let c = load_in(
+                jail,
+                "[xmpp.component]\njid = \"Register.Localhost\"\nsecret = \"s3cret\"\n",
+            )
+            .unwrap();
+            let comp = c.xmpp_component.clone().unwrap();
+            assert_eq!(comp.jid, "register.localhost");
+            assert_eq!(comp.server.to_string(), "127.0.0.1:5347");
+            assert_eq!(comp.secret.expose(), "s3cret");
+            assert!(
+                !format!("{c:?}").contains("s3cret"),
+                "Debug shows no secret"
+            );
+            let e = load_in(jail, "[xmpp.component]\njid = \"register.localhost\"\n").unwrap_err();
+            assert!(e.0.contains("xmpp.component.secret"), "{e}");
+            let e = load_in(jail, "[xmpp.component]\nsecret = \"x\"\n").unwrap_err();
+            assert!(e.0.contains("jid"), "{e}");
+            let e = load_in(jail, "[xmpp.component]\njid = \"a b\"\nsecret = \"x\"\n").unwrap_err();
+            assert!(e.0.contains("xmpp.component.jid"), "{e}");
+            let e = load_in(
+                jail,
+                "[xmpp.component]\njid = \"r.l\"\nsecret = \"x\"\nserver = \"localhost:5347\"\n",
+            )
+            .unwrap_err();
+            assert!(e.0.contains("server"), "{e}");
+            jail.set_env("REGISTRAR_XMPP__COMPONENT__SECRET", "from-env");
+            let c = load_in(jail, "[xmpp.component]\njid = \"r.l\"\n").unwrap();
+            assert_eq!(c.xmpp_component.unwrap().secret.expose(), "from-env");
             Ok(())
         });
     }

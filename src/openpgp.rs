@@ -335,6 +335,25 @@ fn email_matches(uid: &pgp::packet::UserID, email: &str) -> bool {
     matches!(uid.email(), Ok(Some(e)) if e.eq_ignore_ascii_case(email))
 }
 
+/// The accounts on `domain` that `key`'s User IDs name (emails `<account id>@<domain>`), in the
+/// key's order. Nothing here is trusted yet: [`check_user_key`] judges the binding.
+pub fn accounts_named(key: &UserKey, domain: &str) -> Vec<crate::phone::AccountId> {
+    key.0
+        .userids()
+        .filter_map(|u| match u.userid().email() {
+            Ok(Some(email)) => {
+                let (local, host) = email.rsplit_once('@')?;
+                if host.eq_ignore_ascii_case(domain) {
+                    local.parse().ok()
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 /// Checks a user's key against the policy at `now`: valid under sequoia's standard policy, alive
 /// and not revoked, an RSA (at least 2048 bits) or Ed25519 primary key, and a validly bound User
 /// ID whose email is `email`. Subkeys may be of any algorithm the standard policy accepts.
@@ -472,6 +491,22 @@ mod tests {
             SystemTime::now(),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn finds_the_accounts_a_key_names_on_our_domain() {
+        let (cert, _) = CertBuilder::general_purpose(Some(format!("A <{EMAIL}>")))
+            .add_userid("B <0000000000000000000000000000000000000000@example.org>")
+            .add_userid("C <not-an-account@localhost>")
+            .add_userid("no email at all")
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .generate()
+            .unwrap();
+        let key = UserKey::parse(&b64(&cert)).unwrap();
+        let accounts = accounts_named(&key, "localhost");
+        assert_eq!(accounts.len(), 1);
+        assert_eq!(accounts[0].as_str(), &EMAIL[..40]);
+        assert!(accounts_named(&key, "example.net").is_empty());
     }
 
     #[test]

@@ -139,6 +139,7 @@ fn verification_json(v: &Verification) -> serde_json::Value {
         "next_resend_at": time(v.next_resend_at),
         "attempts_left": v.attempts_left,
         "status": v.state.as_str(),
+        "can_fallback": v.can_fallback,
     })
 }
 
@@ -155,6 +156,8 @@ struct StartBody {
     challenge: Option<Challenge>,
     #[serde(default)]
     accept_terms: bool,
+    #[serde(default)]
+    fallback: bool,
 }
 
 async fn start(State(s): State<ApiState>, ApiJson(body): ApiJson<StartBody>) -> Response {
@@ -166,6 +169,7 @@ async fn start(State(s): State<ApiState>, ApiJson(body): ApiJson<StartBody>) -> 
                 force: body.force,
                 challenge: body.challenge,
                 accepted_terms: body.accept_terms,
+                fallback: body.fallback,
             })
             .await
     }

@@ -28,8 +28,8 @@ use crate::openpgp::{self, ServerKey, UserKey};
 use crate::phone::{AccountId, PhoneNumber, PhonePolicy};
 use crate::secret::ServerSecret;
 use crate::store::{
-    AccountRecord, CompleteOutcome, Completion, DeliveryRecord, Renewal, Store, StoreError,
-    VerificationRecord,
+    AccountRecord, CompleteOutcome, Completion, DeliveryRecord, Renewal, Requester, Store,
+    StoreError, TryLimits, VerificationRecord,
 };
 
 /// The rules the core applies, from the validated configuration.
@@ -45,8 +45,11 @@ pub struct Settings {
     pub lifetime: Duration,
     /// Wait between two messages to one verification.
     pub resend_wait: Duration,
-    /// Code submissions per verification before it locks.
+    /// Code submissions per requester before it is refused (the HTTP client holding the id is
+    /// one requester; over XMPP each JID is one).
     pub max_attempts: u32,
+    /// Code submissions per verification, all requesters together, before it locks.
+    pub max_attempts_total: u32,
     /// Whether registration is open.
     pub open: bool,
     /// Terms of service the client must accept, if any.
@@ -66,6 +69,7 @@ impl Default for Settings {
             lifetime: Duration::from_secs(600),
             resend_wait: Duration::from_secs(60),
             max_attempts: 5,
+            max_attempts_total: 15,
             open: true,
             terms_url: None,
             service_name: "Kontalk".into(),
@@ -85,6 +89,8 @@ pub struct StartRequest {
     pub challenge: Option<Challenge>,
     /// Whether the client accepted the terms of service.
     pub accepted_terms: bool,
+    /// Use the next provider that can deliver the challenge instead of the first.
+    pub fallback: bool,
 }
 
 /// Where a verification stands.
@@ -134,6 +140,8 @@ pub struct Verification {
     pub attempts_left: u32,
     /// Where it stands.
     pub state: State,
+    /// Whether another provider can deliver this challenge (a start with `fallback`).
+    pub can_fallback: bool,
 }
 
 /// A completed registration.
@@ -228,13 +236,42 @@ impl Registrar {
             .map_err(Error::from)
     }
 
-    fn provider_for(&self, challenge: Challenge) -> Result<&Arc<dyn Provider>, Error> {
+    fn capable(&self, challenge: Challenge) -> Vec<&Arc<dyn Provider>> {
         self.providers
             .iter()
-            .find(|p| p.challenges().contains(&challenge))
-            .ok_or_else(|| {
-                Error::NoProvider(format!("no configured provider can deliver {challenge}"))
-            })
+            .filter(|p| p.challenges().contains(&challenge))
+            .collect()
+    }
+
+    /// The provider for `challenge`: the first able one, or with `fallback` the next one.
+    fn provider_for(
+        &self,
+        challenge: Challenge,
+        fallback: bool,
+    ) -> Result<&Arc<dyn Provider>, Error> {
+        let capable = self.capable(challenge);
+        let pick = if fallback && capable.len() > 1 {
+            capable.get(1)
+        } else {
+            capable.first()
+        };
+        pick.copied().ok_or_else(|| {
+            Error::NoProvider(format!("no configured provider can deliver {challenge}"))
+        })
+    }
+
+    fn limits(&self) -> TryLimits {
+        TryLimits {
+            per_requester: self.settings.max_attempts,
+            total: self.settings.max_attempts_total,
+        }
+    }
+
+    /// Whether `v` takes no more codes from its holder: the holder's tries or all requesters'
+    /// tries together are used up.
+    fn locked(&self, v: &VerificationRecord) -> bool {
+        v.attempts >= self.settings.max_attempts
+            || v.total_attempts >= self.settings.max_attempts_total
     }
 
     fn provider_named(&self, name: &str) -> Option<&Arc<dyn Provider>> {
@@ -263,7 +300,8 @@ impl Registrar {
             return Err(Error::Conflict);
         }
         let challenge = req.challenge.unwrap_or(self.settings.default_challenge);
-        let provider = self.provider_for(challenge)?.clone();
+        let provider = self.provider_for(challenge, req.fallback)?.clone();
+        let can_fallback = !req.fallback && self.capable(challenge).len() > 1;
         let now = self.clock.now();
         let replaces = match self.store.verification_by_phone(req.phone.as_str()).await? {
             Some(old) if old.expires_at > ts(now) && old.verified_at.is_none() => {
@@ -287,6 +325,7 @@ impl Registrar {
             provider_ref: None,
             sender: None,
             attempts: 0,
+            total_attempts: 0,
             sends: 1,
             created_at: ts(now),
             expires_at: ts(now) + secs(self.settings.lifetime),
@@ -320,7 +359,10 @@ impl Registrar {
             "verification started"
         );
         match self.deliver(&record, &code, &provider).await {
-            Ok(record) => Ok(self.view(&record)),
+            Ok(record) => Ok(Verification {
+                can_fallback,
+                ..self.view(&record)
+            }),
             Err(e) => {
                 // Nothing reached the user: drop the verification so that the client can start
                 // again at once.
@@ -332,7 +374,7 @@ impl Registrar {
 
     /// Refuses a new message while a live verification is locked or inside its resend wait.
     fn refuse_if_waiting(&self, v: &VerificationRecord, now: DateTime<Utc>) -> Result<(), Error> {
-        if v.attempts >= self.settings.max_attempts {
+        if self.locked(v) {
             return Err(Error::Locked {
                 retry_at: at(v.expires_at),
             });
@@ -452,7 +494,7 @@ impl Registrar {
         let account = AccountId::for_stored(&v.account);
         let state = if v.verified_at.is_some() {
             State::Verified
-        } else if v.attempts >= self.settings.max_attempts {
+        } else if self.locked(v) {
             State::Locked
         } else {
             State::Pending
@@ -483,8 +525,13 @@ impl Registrar {
             code_length: v.code_length,
             expires_at: at(v.expires_at),
             next_resend_at: at(v.next_resend_at),
-            attempts_left: self.settings.max_attempts.saturating_sub(v.attempts),
+            attempts_left: self.settings.max_attempts.saturating_sub(v.attempts).min(
+                self.settings
+                    .max_attempts_total
+                    .saturating_sub(v.total_attempts),
+            ),
             state,
+            can_fallback: false,
         }
     }
 
@@ -502,7 +549,7 @@ impl Registrar {
         let now = self.clock.now();
         self.refuse_if_waiting(&v, now)?;
         let challenge = challenge.unwrap_or(v.challenge);
-        let provider = self.provider_for(challenge)?.clone();
+        let provider = self.provider_for(challenge, false)?.clone();
         let code = Code::generate(self.settings.code_length);
         let renewal = Renewal {
             challenge,
@@ -554,9 +601,9 @@ impl Registrar {
         }
     }
 
-    /// Checks `code` for verification `id` and, when it matches, certifies `key` and stores the
-    /// account. Submitting the same code and key again while the verification lives returns the
-    /// same result.
+    /// Checks `code` for verification `id` (the caller holds the id, as the HTTP client does)
+    /// and, when it matches, certifies `key` and stores the account. Submitting the same code and
+    /// key again while the verification lives returns the same result.
     pub async fn verify(
         &self,
         id: &VerificationId,
@@ -564,6 +611,46 @@ impl Registrar {
         key: UserKey,
     ) -> Result<Registered, Error> {
         let v = self.live(id).await?;
+        self.check_and_complete(v, code, key, Requester::Holder)
+            .await
+    }
+
+    /// Checks `code` for the pending verification of the account that `key`'s User ID names, as
+    /// Kontalk clients do over XMPP (step 2 comes on a new connection, without the verification
+    /// id). `requester` (a JID) gets its own budget of tries, so that anyone else's wrong guesses
+    /// for the account cannot lock the real client out; the verification's total is capped too.
+    pub async fn verify_by_key(
+        &self,
+        code: &Code,
+        key: UserKey,
+        requester: &str,
+    ) -> Result<Registered, Error> {
+        let now = ts(self.clock.now());
+        let mut found = None;
+        for account in openpgp::accounts_named(&key, &self.settings.domain) {
+            if let Some(v) = self.store.verification_by_account(account.as_str()).await?
+                && v.expires_at > now
+            {
+                found = Some(v);
+                break;
+            }
+        }
+        let Some(v) = found else {
+            return Err(Error::NotFound);
+        };
+        let who = self.secret.pseudonym("requester", requester);
+        self.check_and_complete(v, code, key, Requester::Peer(&who))
+            .await
+    }
+
+    async fn check_and_complete(
+        &self,
+        v: VerificationRecord,
+        code: &Code,
+        key: UserKey,
+        requester: Requester<'_>,
+    ) -> Result<Registered, Error> {
+        let id = VerificationId::from_stored(&v.id);
         let account = AccountId::for_stored(&v.account);
         let email = account.jid(&self.settings.domain);
         if v.verified_at.is_some() {
@@ -583,7 +670,11 @@ impl Registrar {
                 Error::Internal
             })??
         };
-        if v.attempts >= self.settings.max_attempts {
+        let exhausted = match requester {
+            Requester::Holder => self.locked(&v),
+            Requester::Peer(_) => v.total_attempts >= self.settings.max_attempts_total,
+        };
+        if exhausted {
             return Err(Error::Locked {
                 retry_at: at(v.expires_at),
             });
@@ -591,10 +682,10 @@ impl Registrar {
         // Spend the try before comparing, so that parallel guesses cannot outrun the counter.
         let Some(spent) = self
             .store
-            .take_attempt(&v.id, self.settings.max_attempts, ts(now))
+            .take_attempt(&v.id, requester, self.limits(), ts(now))
             .await?
         else {
-            return match self.live(id).await? {
+            return match self.live(&id).await? {
                 done if done.verified_at.is_some() => self.replay(&done, code, &key),
                 locked => Err(Error::Locked {
                     retry_at: at(locked.expires_at),
@@ -647,7 +738,7 @@ impl Registrar {
             CompleteOutcome::AccountExists => Err(Error::Conflict),
             CompleteOutcome::NotPending => {
                 // A concurrent submission completed it first.
-                let done = self.live(id).await?;
+                let done = self.live(&id).await?;
                 self.replay(&done, code, &key)
             }
         }

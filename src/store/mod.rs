@@ -34,8 +34,10 @@ pub struct VerificationRecord {
     pub provider_ref: Option<String>,
     /// Sender id shown to the client.
     pub sender: Option<String>,
-    /// Code submissions so far, right or wrong.
+    /// Code submissions so far by the holder of the verification id (the HTTP client).
     pub attempts: u32,
+    /// Code submissions so far by every requester together.
+    pub total_attempts: u32,
     /// Messages sent so far.
     pub sends: u32,
     /// When it started.
@@ -96,6 +98,24 @@ pub struct DeliveryRecord {
     pub code_hash: Option<Option<Vec<u8>>>,
     /// Digits of the code the user types.
     pub code_length: u32,
+}
+
+/// Who submits a code, for counting tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requester<'a> {
+    /// The holder of the verification id (HTTP).
+    Holder,
+    /// Another party, by a pseudonym (an XMPP JID's keyed hash).
+    Peer(&'a str),
+}
+
+/// Caps on code tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TryLimits {
+    /// Tries per requester.
+    pub per_requester: u32,
+    /// Tries per verification, all requesters together.
+    pub total: u32,
 }
 
 /// The completion of a verification.
@@ -160,9 +180,23 @@ pub trait Store: Send + Sync {
     /// Deletes verification `id`; whether it existed.
     async fn delete_verification(&self, id: &str) -> Result<bool, StoreError>;
 
-    /// Spends one code try if fewer than `max` were spent and the verification is pending and
-    /// live at `now`; the number of tries spent, or `None`.
-    async fn take_attempt(&self, id: &str, max: u32, now: i64) -> Result<Option<u32>, StoreError>;
+    /// The live or expired verification for account `account` (at most one: one per number).
+    async fn verification_by_account(
+        &self,
+        account: &str,
+    ) -> Result<Option<VerificationRecord>, StoreError>;
+
+    /// Spends one code try of `requester` if neither its budget nor the verification's total is
+    /// used up and the verification is pending and live at `now`: the tries `requester` has
+    /// spent, or `None`. Both counters move in one transaction, so that parallel guesses cannot
+    /// outrun them.
+    async fn take_attempt(
+        &self,
+        id: &str,
+        requester: Requester<'_>,
+        limits: TryLimits,
+        now: i64,
+    ) -> Result<Option<u32>, StoreError>;
 
     /// Records what the provider reported for the last delivery.
     async fn record_delivery(&self, id: &str, d: &DeliveryRecord) -> Result<(), StoreError>;

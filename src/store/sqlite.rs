@@ -14,8 +14,8 @@ use sqlx::sqlite::{
 };
 
 use super::{
-    AccountRecord, CompleteOutcome, Completion, DeliveryRecord, Renewal, Store, StoreError,
-    VerificationRecord,
+    AccountRecord, CompleteOutcome, Completion, DeliveryRecord, Renewal, Requester, Store,
+    StoreError, TryLimits, VerificationRecord,
 };
 
 /// A SQLite database.
@@ -38,7 +38,8 @@ macro_rules! select_verification {
     ($clause:literal) => {
         concat!(
             "SELECT id, phone, account, challenge, force, code_hash, code_length, provider, ",
-            "provider_ref, sender, attempts, sends, created_at, expires_at, next_resend_at, ",
+            "provider_ref, sender, attempts, total_attempts, sends, created_at, expires_at, ",
+            "next_resend_at, ",
             "verified_at, result_fingerprint, result_key FROM verifications ",
             $clause
         )
@@ -62,6 +63,7 @@ fn verification_from_row(row: &SqliteRow) -> Result<VerificationRecord, StoreErr
         provider_ref: row.try_get("provider_ref").map_err(get)?,
         sender: row.try_get("sender").map_err(get)?,
         attempts: row.try_get::<i64, _>("attempts").map_err(get)? as u32,
+        total_attempts: row.try_get::<i64, _>("total_attempts").map_err(get)? as u32,
         sends: row.try_get::<i64, _>("sends").map_err(get)? as u32,
         created_at: row.try_get("created_at").map_err(get)?,
         expires_at: row.try_get("expires_at").map_err(get)?,
@@ -173,9 +175,9 @@ impl Store for SqliteStore {
         }
         sqlx::query(
             "INSERT INTO verifications (id, phone, account, challenge, force, code_hash, \
-             code_length, provider, provider_ref, sender, attempts, sends, created_at, \
-             expires_at, next_resend_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+             code_length, provider, provider_ref, sender, attempts, total_attempts, sends, \
+             created_at, expires_at, next_resend_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(&v.id)
         .bind(&v.phone)
@@ -188,6 +190,7 @@ impl Store for SqliteStore {
         .bind(&v.provider_ref)
         .bind(&v.sender)
         .bind(i64::from(v.attempts))
+        .bind(i64::from(v.total_attempts))
         .bind(i64::from(v.sends))
         .bind(v.created_at)
         .bind(v.expires_at)
@@ -207,20 +210,79 @@ impl Store for SqliteStore {
         Ok(r.rows_affected() > 0)
     }
 
-    async fn take_attempt(&self, id: &str, max: u32, now: i64) -> Result<Option<u32>, StoreError> {
-        let row = sqlx::query(
-            "UPDATE verifications SET attempts = attempts + 1 \
-             WHERE id = $1 AND attempts < $2 AND verified_at IS NULL AND expires_at > $3 \
-             RETURNING attempts",
-        )
-        .bind(id)
-        .bind(i64::from(max))
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db)?;
-        row.map(|r| r.try_get::<i64, _>(0).map(|n| n as u32).map_err(db))
-            .transpose()
+    async fn verification_by_account(
+        &self,
+        account: &str,
+    ) -> Result<Option<VerificationRecord>, StoreError> {
+        self.verification_where(select_verification!("WHERE account = $1"), account)
+            .await
+    }
+
+    async fn take_attempt(
+        &self,
+        id: &str,
+        requester: Requester<'_>,
+        limits: TryLimits,
+        now: i64,
+    ) -> Result<Option<u32>, StoreError> {
+        let count = |row: Option<SqliteRow>| {
+            row.map(|r| r.try_get::<i64, _>(0).map(|n| n as u32).map_err(db))
+                .transpose()
+        };
+        match requester {
+            Requester::Holder => count(
+                sqlx::query(
+                    "UPDATE verifications \
+                     SET attempts = attempts + 1, total_attempts = total_attempts + 1 \
+                     WHERE id = $1 AND attempts < $2 AND total_attempts < $3 \
+                     AND verified_at IS NULL AND expires_at > $4 RETURNING attempts",
+                )
+                .bind(id)
+                .bind(i64::from(limits.per_requester))
+                .bind(i64::from(limits.total))
+                .bind(now)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db)?,
+            ),
+            Requester::Peer(who) => {
+                let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+                let total = sqlx::query(
+                    "UPDATE verifications SET total_attempts = total_attempts + 1 \
+                     WHERE id = $1 AND total_attempts < $2 AND verified_at IS NULL \
+                     AND expires_at > $3",
+                )
+                .bind(id)
+                .bind(i64::from(limits.total))
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                if total.rows_affected() == 0 {
+                    return Ok(None);
+                }
+                let mine = count(
+                    sqlx::query(
+                        "INSERT INTO verification_attempts (verification_id, requester, attempts) \
+                         VALUES ($1, $2, 1) \
+                         ON CONFLICT (verification_id, requester) DO UPDATE \
+                         SET attempts = verification_attempts.attempts + 1 \
+                         WHERE verification_attempts.attempts < $3 \
+                         RETURNING attempts",
+                    )
+                    .bind(id)
+                    .bind(who)
+                    .bind(i64::from(limits.per_requester))
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?,
+                )?;
+                if mine.is_some() {
+                    tx.commit().await.map_err(db)?;
+                }
+                Ok(mine)
+            }
+        }
     }
 
     async fn record_delivery(&self, id: &str, d: &DeliveryRecord) -> Result<(), StoreError> {
