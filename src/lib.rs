@@ -8,6 +8,7 @@
 //! - [`openpgp`]: the server key, the policy for users' keys, certification;
 //! - [`store`]: persistence behind a trait (SQLite);
 //! - [`http`]: the JSON API;
+//! - [`xmpp`]: Kontalk's in-band registration as an XMPP external component;
 //! - [`config`]: TOML + environment configuration, validated once;
 //! - [`client`]: the `client register` command, a real client of the HTTP API;
 //! - [`clock`], [`secret`]: time as a parameter, and the server secret for keyed hashes.
@@ -30,6 +31,7 @@ pub mod phone;
 pub mod registrar;
 pub mod secret;
 pub mod store;
+pub mod xmpp;
 
 use std::future::Future;
 use std::path::Path;
@@ -226,6 +228,22 @@ impl App {
             })
         };
 
+        let component = self.config.xmpp_component.clone().map(|c| {
+            let jid = xmpp_parsers::jid::Jid::new(&c.jid);
+            let registrar = self.registrar.clone();
+            let clock = self.clock.clone();
+            let stop = stop_rx.clone();
+            tokio::spawn(async move {
+                match jid {
+                    Ok(jid) => {
+                        let handler = Arc::new(xmpp::Handler::new(registrar, clock, jid));
+                        xmpp::component::run(c, handler, stop).await;
+                    }
+                    Err(e) => tracing::error!(error = %e, "xmpp.component.jid is not a JID"),
+                }
+            })
+        });
+
         let router = http::router(
             self.registrar.clone(),
             self.clock.clone(),
@@ -244,6 +262,10 @@ impl App {
             .await
             .context("HTTP server failed")?;
         purger.abort();
+        if let Some(component) = component {
+            // The component closes its stream when it sees the stop signal.
+            let _ = tokio::time::timeout(Duration::from_secs(5), component).await;
+        }
         tracing::info!("stopped");
         Ok(())
     }

@@ -5,3 +5,4 @@ mod cli;
 mod gpg;
 mod harness;
 mod http_api;
+mod xmpp_handler;

@@ -1,0 +1,225 @@
+//! The external component (XEP-0114) link to the XMPP server, kept up for as long as the service
+//! runs: it connects and authenticates, reconnects with capped exponential backoff when the
+//! server goes away or refuses, pings the server after a quiet spell, and hands every iq to the
+//! [`Handler`] in its own task, so that one slow or bad request never holds up the others.
+//!
+//! tokio-xmpp's `Component` stream yields `None` for every read failure (a quiet spell, an
+//! unparsable stanza, the server closing the stream) and keeps working when polled again. A
+//! `None` is therefore a cue to ping: if the ping is not answered before the next `None`, the link
+//! is dead and we reconnect.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_xmpp::connect::DnsConfig;
+use tokio_xmpp::connect::TcpServerConnector;
+use tokio_xmpp::xmlstream::Timeouts;
+use tokio_xmpp::{Component, Stanza};
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::jid::Jid;
+use xmpp_parsers::ping::Ping;
+
+use super::Handler;
+use crate::config::ComponentConfig;
+
+/// First wait before reconnecting.
+pub const BACKOFF_START: Duration = Duration::from_millis(500);
+/// Longest wait between two connection attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+enum Ended {
+    Stopped,
+    Lost,
+}
+
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::rng().random_range(0.8..1.2))
+}
+
+/// The server's own domain, for keepalive pings: the component JID without its first label
+/// (`register.example.org` -> `example.org`). Any answer, even an error, proves the link alive.
+fn server_domain(component: &str) -> String {
+    match component.split_once('.') {
+        Some((_, rest)) if !rest.is_empty() => rest.to_owned(),
+        _ => component.to_owned(),
+    }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs the component until `stop` turns true.
+pub async fn run(config: ComponentConfig, handler: Arc<Handler>, mut stop: watch::Receiver<bool>) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let timeouts = Timeouts {
+            read_timeout: config.ping_interval,
+            response_timeout: config.ping_interval.min(Duration::from_secs(15)),
+        };
+        let connect = Component::new_plaintext(
+            &config.jid,
+            config.secret.expose(),
+            DnsConfig::addr(&config.server.to_string()),
+            timeouts,
+        );
+        let component = tokio::select! {
+            _ = stopped(&mut stop) => return,
+            c = connect => c,
+        };
+        match component {
+            Ok(component) => {
+                tracing::info!(jid = %config.jid, server = %config.server, "XMPP component connected");
+                backoff = BACKOFF_START;
+                match serve(component, &config, handler.clone(), &mut stop).await {
+                    Ended::Stopped => return,
+                    Ended::Lost => {
+                        tracing::warn!(server = %config.server, "XMPP component link lost; reconnecting");
+                    }
+                }
+            }
+            Err(tokio_xmpp::Error::Auth(_)) => tracing::error!(
+                jid = %config.jid,
+                server = %config.server,
+                retry_in = ?backoff,
+                "the XMPP server refused the component: check xmpp.component.secret, and that \
+                 the server has a Component entry for this JID"
+            ),
+            Err(e) => tracing::warn!(
+                server = %config.server,
+                error = %e,
+                retry_in = ?backoff,
+                "cannot connect the XMPP component"
+            ),
+        }
+        tokio::select! {
+            _ = stopped(&mut stop) => return,
+            _ = tokio::time::sleep(jittered(backoff)) => {}
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn serve(
+    component: Component<TcpServerConnector>,
+    config: &ComponentConfig,
+    handler: Arc<Handler>,
+    stop: &mut watch::Receiver<bool>,
+) -> Ended {
+    let me = handler.jid().clone();
+    let server = match Jid::new(&server_domain(&config.jid)) {
+        Ok(j) => j,
+        Err(_) => me.clone(),
+    };
+    let (mut sink, mut stream) = component.split();
+    // Answers come back from the handler tasks through this channel; the loop owns the sink.
+    let (answers_tx, mut answers) = mpsc::channel::<Stanza>(256);
+    let mut pings = 0u64;
+    let mut ping_outstanding = false;
+    loop {
+        tokio::select! {
+            _ = stopped(stop) => {
+                if let Err(e) = sink.close().await {
+                    tracing::debug!(error = %e, "closing the component stream");
+                }
+                tracing::info!("XMPP component disconnected");
+                return Ended::Stopped;
+            }
+            Some(answer) = answers.recv() => {
+                if let Err(e) = sink.send(answer).await {
+                    tracing::warn!(error = %e, "cannot send to the XMPP server");
+                    return Ended::Lost;
+                }
+            }
+            item = stream.next() => match item {
+                Some(Stanza::Iq(iq)) => {
+                    ping_outstanding = false;
+                    let (handler, tx) = (handler.clone(), answers_tx.clone());
+                    tokio::spawn(async move {
+                        if let Some(answer) = handler.handle(iq).await {
+                            let _ = tx.send(answer.into()).await;
+                        }
+                    });
+                }
+                // Messages and presence are not for us; their arrival proves the link alive.
+                Some(_) => ping_outstanding = false,
+                None => {
+                    if ping_outstanding {
+                        return Ended::Lost;
+                    }
+                    pings += 1;
+                    let ping = Iq::from_get(format!("keepalive-{pings}"), Ping)
+                        .with_from(me.clone())
+                        .with_to(server.clone());
+                    if sink.send(ping.into()).await.is_err() {
+                        return Ended::Lost;
+                    }
+                    ping_outstanding = true;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pings_go_to_the_servers_domain() {
+        assert_eq!(server_domain("register.localhost"), "localhost");
+        assert_eq!(server_domain("reg.xmpp.example.org"), "xmpp.example.org");
+        assert_eq!(server_domain("localhost"), "localhost");
+    }
+
+    #[test]
+    fn backoff_is_jittered_within_a_fifth() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(10));
+            assert!(d >= Duration::from_secs(8) && d <= Duration::from_secs(12));
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_retried_until_stopped() {
+        // Nothing listens on this port: the loop keeps retrying and stops promptly when told.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = ComponentConfig {
+            server: format!("127.0.0.1:{port}").parse().unwrap(),
+            jid: "register.localhost".into(),
+            secret: "s".into(),
+            ping_interval: Duration::from_secs(60),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let app = crate::App::build(
+            crate::Config::development(dir.path()).unwrap(),
+            crate::Services::default(),
+        )
+        .await
+        .unwrap();
+        let handler = Arc::new(Handler::new(
+            app.registrar.clone(),
+            app.clock.clone(),
+            Jid::new("register.localhost").unwrap(),
+        ));
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(run(config, handler, rx));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(!task.is_finished(), "it keeps retrying");
+        tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(2), task)
+            .await
+            .expect("stops promptly")
+            .unwrap();
+    }
+}

@@ -1,0 +1,480 @@
+//! Kontalk's registration forms: parse what clients submit, render what we answer. Pure functions
+//! over xmpp-parsers types; the wire format is in `../shared/reference/kontalk-inband-registration.md`.
+//!
+//! Requests are dispatched on the form's `FORM_TYPE`, never on which fields happen to be present:
+//! `jabber:iq:register` starts a verification, `http://kontalk.org/protocol/register#code`
+//! submits the code and key.
+
+use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
+use xmpp_parsers::ibr::FormQuery;
+use xmpp_parsers::minidom::Element;
+use xmpp_parsers::ns;
+use xmpp_parsers::stanza_error::StanzaError;
+
+use super::errors::bad_request;
+use crate::registrar::{Challenge, Verification};
+
+/// FORM_TYPE of step 2 (code and key).
+pub const CODE_FORM_TYPE: &str = "http://kontalk.org/protocol/register#code";
+
+/// What a client submitted with `iq set` on `jabber:iq:register`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Submission {
+    /// Step 1: verify this number.
+    Start {
+        /// The number as typed.
+        phone: String,
+        /// Replace an existing account.
+        force: bool,
+        /// Use another provider.
+        fallback: bool,
+        /// The challenge wanted.
+        challenge: Option<Challenge>,
+        /// Terms accepted.
+        accept_terms: bool,
+    },
+    /// Step 2: the code and the key.
+    Code {
+        /// The code as typed.
+        code: String,
+        /// base64 of the binary public key, when sent in the form.
+        public_key: Option<String>,
+    },
+    /// XEP-0077 `<remove/>`.
+    Remove,
+}
+
+fn value<'a>(form: &'a DataForm, var: &str) -> Option<&'a str> {
+    form.fields
+        .iter()
+        .find(|f| f.var.as_deref() == Some(var))
+        .and_then(|f| f.values.first())
+        .map(|v| v.trim())
+}
+
+fn boolean(form: &DataForm, var: &str) -> Result<bool, StanzaError> {
+    match value(form, var) {
+        None | Some("") => Ok(false),
+        Some("1" | "true") => Ok(true),
+        Some("0" | "false") => Ok(false),
+        Some(_) => Err(bad_request(&format!(
+            "the field {var} must be a boolean (true, false, 1 or 0)"
+        ))),
+    }
+}
+
+fn required<'a>(form: &'a DataForm, var: &str) -> Result<&'a str, StanzaError> {
+    match value(form, var) {
+        Some(v) if !v.is_empty() => Ok(v),
+        _ => Err(bad_request(&format!("the field {var} is required"))),
+    }
+}
+
+/// Parses the payload of an `iq set` on `jabber:iq:register`.
+pub fn parse_submission(payload: Element) -> Result<Submission, StanzaError> {
+    if payload.get_child("remove", ns::REGISTER).is_some() {
+        return Ok(Submission::Remove);
+    }
+    let query = FormQuery::try_from(payload).map_err(|e| {
+        bad_request(&format!(
+            "a data form (jabber:x:data) is required in the query: {e}"
+        ))
+    })?;
+    let form = query.form;
+    if form.type_ != DataFormType::Submit {
+        return Err(bad_request("the data form must be of type submit"));
+    }
+    match form.form_type() {
+        Some(ns::REGISTER) => {
+            let challenge = match value(&form, "challenge") {
+                None | Some("") => None,
+                Some(c) => Some(
+                    c.parse::<Challenge>()
+                        .map_err(|e| bad_request(&e.to_string()))?,
+                ),
+            };
+            Ok(Submission::Start {
+                phone: required(&form, "phone")?.to_owned(),
+                force: boolean(&form, "force")?,
+                fallback: boolean(&form, "fallback")?,
+                challenge,
+                accept_terms: boolean(&form, "accept-terms")?,
+            })
+        }
+        Some(CODE_FORM_TYPE) => Ok(Submission::Code {
+            code: required(&form, "code")?.to_owned(),
+            public_key: value(&form, "publickey")
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned),
+        }),
+        Some(other) => Err(bad_request(&format!("unknown FORM_TYPE {other}"))),
+        None => Err(bad_request("the data form has no FORM_TYPE")),
+    }
+}
+
+fn field(var: &str, type_: FieldType, label: &str) -> Field {
+    let mut f = Field::new(var, type_);
+    f.label = Some(label.to_owned());
+    f
+}
+
+fn with_value(mut f: Field, value: impl Into<String>) -> Field {
+    f.values.push(value.into());
+    f
+}
+
+/// The registration form (answer to `iq get`): phone, force, fallback, the challenges the
+/// providers can deliver, and the terms when configured.
+pub fn registration_form(
+    instructions: &str,
+    challenges: &[Challenge],
+    terms_url: Option<&str>,
+) -> FormQuery {
+    let mut phone = field("phone", FieldType::TextSingle, "Phone number");
+    phone.required = true;
+    let mut challenge = field("challenge", FieldType::ListSingle, "Challenge type");
+    challenge.options = challenges
+        .iter()
+        .map(|c| Option_ {
+            label: Some(
+                match c {
+                    Challenge::Pin => "PIN by text message",
+                    Challenge::Voice => "PIN by voice call",
+                    Challenge::MissedCall => "Missed call",
+                }
+                .to_owned(),
+            ),
+            value: c.as_str().to_owned(),
+        })
+        .collect();
+    if let Some(first) = challenges.first() {
+        challenge.values.push(first.as_str().to_owned());
+    }
+    let mut fields = vec![
+        phone,
+        with_value(
+            field("force", FieldType::Boolean, "Force registration"),
+            "false",
+        ),
+        with_value(
+            field("fallback", FieldType::Boolean, "Use another provider"),
+            "false",
+        ),
+        challenge,
+    ];
+    if let Some(url) = terms_url {
+        let mut accept = field(
+            "accept-terms",
+            FieldType::Boolean,
+            "Accept the terms of service",
+        );
+        accept.required = true;
+        fields.push(with_value(accept, "false"));
+        fields.push(with_value(Field::new("terms", FieldType::Hidden), url));
+    }
+    FormQuery {
+        instructions: Some(instructions.to_owned()),
+        form: DataForm::new(DataFormType::Form, ns::REGISTER, fields),
+    }
+}
+
+/// The answer to step 1: instructions and a form with the sender id and the challenge.
+pub fn started_form(v: &Verification) -> FormQuery {
+    let mut fields = vec![
+        with_value(
+            field("from", FieldType::TextSingle, "Sender ID"),
+            v.sender.clone(),
+        ),
+        with_value(
+            field("challenge", FieldType::TextSingle, "Challenge type"),
+            v.challenge.as_str(),
+        ),
+    ];
+    if v.can_fallback {
+        fields.push(with_value(
+            field(
+                "can-fallback",
+                FieldType::Boolean,
+                "Another provider can be used",
+            ),
+            "true",
+        ));
+    }
+    FormQuery {
+        instructions: Some(v.instructions.clone()),
+        form: DataForm::new(DataFormType::Form, ns::REGISTER, fields),
+    }
+}
+
+/// The answer to step 2: the certified key, base64 of the binary key.
+pub fn registered_form(public_key_b64: String) -> FormQuery {
+    FormQuery {
+        instructions: None,
+        form: DataForm::new(
+            DataFormType::Form,
+            CODE_FORM_TYPE,
+            vec![with_value(
+                field("publickey", FieldType::TextSingle, "Signed public key"),
+                public_key_b64,
+            )],
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+    use xmpp_parsers::iq::Iq;
+
+    /// The iq as a component receives it (namespace jabber:component:accept), with `query`.
+    fn iq(query: &str) -> Iq {
+        let xml = format!(
+            "<iq xmlns='jabber:component:accept' from='anon@localhost/res' \
+             to='register.localhost' id='80zgA-18' type='set'>{query}</iq>"
+        );
+        Iq::try_from(Element::from_str(&xml).unwrap()).unwrap()
+    }
+
+    fn payload(query: &str) -> Element {
+        match iq(query) {
+            Iq::Set { payload, .. } => payload,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn parse(query: &str) -> Result<Submission, StanzaError> {
+        parse_submission(payload(query))
+    }
+
+    fn err_text(r: Result<Submission, StanzaError>) -> String {
+        let e = r.unwrap_err();
+        assert_eq!(
+            e.defined_condition,
+            xmpp_parsers::stanza_error::DefinedCondition::BadRequest
+        );
+        e.texts["en"].clone()
+    }
+
+    // The three requests of the protocol document, verbatim.
+    const STEP1: &str = "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>jabber:iq:register</value></field><field label='Phone number' var='phone' type='text-single'><value>+15555215554</value></field></x></query>";
+    const STEP1_FORCE: &str = "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>jabber:iq:register</value></field><field label='Phone number' var='phone' type='text-single'><value>+15555215554</value></field><field label='Force registration' var='force' type='boolean'><value>true</value></field></x></query>";
+    const STEP2: &str = "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>http://kontalk.org/protocol/register#code</value></field><field label='Validation code' var='code' type='text-single'><value>839775</value></field></x></query>";
+
+    #[test]
+    fn parses_the_protocol_documents_requests() {
+        assert_eq!(
+            parse(STEP1).unwrap(),
+            Submission::Start {
+                phone: "+15555215554".into(),
+                force: false,
+                fallback: false,
+                challenge: None,
+                accept_terms: false
+            }
+        );
+        assert!(matches!(
+            parse(STEP1_FORCE).unwrap(),
+            Submission::Start { force: true, .. }
+        ));
+        assert_eq!(
+            parse(STEP2).unwrap(),
+            Submission::Code {
+                code: "839775".into(),
+                public_key: None
+            }
+        );
+        let with_key = STEP2.replace(
+            "</x>",
+            "<field var='publickey'><value>AAAA</value></field></x>",
+        );
+        assert_eq!(
+            parse(&with_key).unwrap(),
+            Submission::Code {
+                code: "839775".into(),
+                public_key: Some("AAAA".into())
+            }
+        );
+        let remove = "<query xmlns='jabber:iq:register'><remove/></query>";
+        assert_eq!(parse(remove).unwrap(), Submission::Remove);
+    }
+
+    #[test]
+    fn optional_fields_parse() {
+        let q = STEP1.replace(
+            "</x>",
+            "<field var='challenge'><value>missedcall</value></field>\
+             <field var='fallback' type='boolean'><value>1</value></field>\
+             <field var='accept-terms' type='boolean'><value>true</value></field></x>",
+        );
+        assert_eq!(
+            parse(&q).unwrap(),
+            Submission::Start {
+                phone: "+15555215554".into(),
+                force: false,
+                fallback: true,
+                challenge: Some(Challenge::MissedCall),
+                accept_terms: true
+            }
+        );
+    }
+
+    #[test]
+    fn dispatches_on_form_type_not_on_fields() {
+        // A step-1 FORM_TYPE carrying a code field is still step 1 (and misses the phone).
+        let q = STEP2.replace(
+            "http://kontalk.org/protocol/register#code",
+            "jabber:iq:register",
+        );
+        assert_eq!(err_text(parse(&q)), "the field phone is required");
+        // A code FORM_TYPE with a phone is step 2, missing the code.
+        let q = STEP1.replace(
+            "jabber:iq:register</value>",
+            "http://kontalk.org/protocol/register#code</value>",
+        );
+        assert_eq!(err_text(parse(&q)), "the field code is required");
+    }
+
+    #[test]
+    fn wrong_forms_get_bad_request_with_the_reason() {
+        assert!(err_text(parse("<query xmlns='jabber:iq:register'/>")).contains("data form"));
+        assert!(err_text(parse(
+            "<query xmlns='jabber:iq:register'><username>x</username><password>y</password></query>"
+        ))
+        .contains("data form"));
+        assert_eq!(
+            err_text(parse(&STEP1.replace("type='submit'", "type='form'"))),
+            "the data form must be of type submit"
+        );
+        assert_eq!(
+            err_text(parse(
+                &STEP1.replace("jabber:iq:register</value>", "urn:other</value>")
+            )),
+            "unknown FORM_TYPE urn:other"
+        );
+        assert_eq!(
+            err_text(parse(
+                "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'><field var='phone'><value>+1</value></field></x></query>"
+            )),
+            "the data form has no FORM_TYPE"
+        );
+        let callerid = STEP1.replace(
+            "</x>",
+            "<field var='challenge'><value>callerid</value></field></x>",
+        );
+        assert!(err_text(parse(&callerid)).contains("unknown challenge type"));
+        let bad_bool = STEP1_FORCE.replace("<value>true</value>", "<value>yes</value>");
+        assert!(err_text(parse(&bad_bool)).contains("force must be a boolean"));
+        let empty_phone = STEP1.replace("+15555215554", "");
+        assert_eq!(err_text(parse(&empty_phone)), "the field phone is required");
+        // Options on a text field violate XEP-0004: xmpp-parsers refuses the form.
+        let bad_form = STEP1.replace(
+            "<value>+15555215554</value>",
+            "<option><value>a</value></option><value>+15555215554</value>",
+        );
+        assert!(err_text(parse(&bad_form)).contains("data form"));
+    }
+
+    #[test]
+    fn malformed_xml_never_becomes_a_request() {
+        for xml in [
+            "<iq xmlns='jabber:component:accept' type='set' id='1'><query xmlns='jabber:iq:register'>",
+            "<iq xmlns='jabber:component:accept' type='set' id='1'></iq>",
+            "<iq xmlns='jabber:client' type='set' id='1'><query xmlns='jabber:iq:register'/></iq>",
+            "not xml",
+        ] {
+            let parsed = Element::from_str(xml).ok().map(Iq::try_from);
+            assert!(!matches!(parsed, Some(Ok(_))), "{xml}");
+        }
+    }
+
+    fn xml(q: FormQuery) -> String {
+        String::from(&Element::from(q))
+    }
+
+    #[test]
+    fn renders_the_registration_form() {
+        let q = registration_form(
+            "Enter your number",
+            &[Challenge::Pin, Challenge::MissedCall],
+            Some("https://example.org/terms"),
+        );
+        let back = FormQuery::try_from(Element::from_str(&xml(q.clone())).unwrap()).unwrap();
+        assert_eq!(back.instructions.as_deref(), Some("Enter your number"));
+        let f = &back.form;
+        assert_eq!(f.type_, DataFormType::Form);
+        assert_eq!(f.form_type(), Some(ns::REGISTER));
+        let by = |v: &str| {
+            f.fields
+                .iter()
+                .find(|x| x.var.as_deref() == Some(v))
+                .unwrap()
+        };
+        assert_eq!(by("phone").type_, FieldType::TextSingle);
+        assert!(by("phone").required);
+        assert_eq!(by("force").type_, FieldType::Boolean);
+        assert_eq!(by("fallback").type_, FieldType::Boolean);
+        let ch = by("challenge");
+        assert_eq!(ch.type_, FieldType::ListSingle);
+        let values: Vec<_> = ch.options.iter().map(|o| o.value.as_str()).collect();
+        assert_eq!(values, ["pin", "missedcall"], "never callerid");
+        assert_eq!(by("accept-terms").type_, FieldType::Boolean);
+        assert_eq!(by("terms").type_, FieldType::Hidden);
+        assert_eq!(by("terms").values, ["https://example.org/terms"]);
+        let no_terms = registration_form("i", &[Challenge::Pin], None);
+        assert!(!xml(no_terms).contains("accept-terms"));
+    }
+
+    #[test]
+    fn renders_the_step_answers_as_the_protocol_document_shows() {
+        let v = Verification {
+            id: crate::registrar::VerificationId::generate(),
+            account: "4bdd4f929f3a1062253e4e496bafba0bdfb5db75".parse().unwrap(),
+            jid: "4bdd4f929f3a1062253e4e496bafba0bdfb5db75@localhost".into(),
+            challenge: Challenge::Pin,
+            sender: "12345".into(),
+            instructions: "A SMS with a verification code will be sent.".into(),
+            code_length: 6,
+            expires_at: chrono::Utc::now(),
+            next_resend_at: chrono::Utc::now(),
+            attempts_left: 5,
+            state: crate::registrar::State::Pending,
+            can_fallback: false,
+        };
+        let s = xml(started_form(&v));
+        assert!(s.starts_with("<query xmlns='jabber:iq:register'><instructions>A SMS with a verification code will be sent.</instructions><x xmlns='jabber:x:data' type='form'>"), "{s}");
+        assert!(
+            s.contains(
+                "<field type='hidden' var='FORM_TYPE'><value>jabber:iq:register</value></field>"
+            ),
+            "{s}"
+        );
+        assert!(
+            s.contains("<field label='Sender ID' var='from'><value>12345</value></field>"),
+            "{s}"
+        );
+        assert!(
+            s.contains("<field label='Challenge type' var='challenge'><value>pin</value></field>"),
+            "{s}"
+        );
+        assert!(!s.contains("can-fallback"));
+        let s = xml(started_form(&Verification {
+            can_fallback: true,
+            ..v
+        }));
+        assert!(s.contains("var='can-fallback'><value>true</value>"), "{s}");
+
+        let s = xml(registered_form("S0VZ".into()));
+        assert!(
+            s.contains("<value>http://kontalk.org/protocol/register#code</value>"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "<field label='Signed public key' var='publickey'><value>S0VZ</value></field>"
+            ),
+            "{s}"
+        );
+        assert!(!s.contains("<instructions>"));
+    }
+}

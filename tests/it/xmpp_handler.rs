@@ -1,0 +1,403 @@
+//! The XMPP handler over the real core (SQLite, capturing provider, manual clock): literal iqs in,
+//! iqs out, as the component sees them.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kontalk_registrar::clock::{Clock, ManualClock};
+use kontalk_registrar::config::Config;
+use kontalk_registrar::xmpp::Handler;
+use kontalk_registrar::xmpp::xmpp_parsers::iq::Iq;
+use kontalk_registrar::xmpp::xmpp_parsers::jid::Jid;
+use kontalk_registrar::xmpp::xmpp_parsers::minidom::Element;
+use kontalk_registrar::{App, Services, openpgp};
+use registrar_providers::{CapturingProvider, Provider};
+
+use crate::harness::*;
+
+struct Xmpp {
+    handler: Handler,
+    provider: CapturingProvider,
+    clock: ManualClock,
+    _dir: tempfile::TempDir,
+}
+
+async fn setup(tweak: impl FnOnce(&mut Config)) -> Xmpp {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::development(dir.path()).unwrap();
+    tweak(&mut config);
+    let provider = CapturingProvider::new("capture", "12345");
+    let clock = ManualClock::new(chrono::Utc::now());
+    let app = App::build(
+        config,
+        Services {
+            clock: Some(Arc::new(clock.clone()) as Arc<dyn Clock>),
+            providers: Some(vec![Arc::new(provider.clone()) as Arc<dyn Provider>]),
+        },
+    )
+    .await
+    .unwrap();
+    let handler = Handler::new(
+        app.registrar.clone(),
+        app.clock.clone(),
+        Jid::new("register.localhost").unwrap(),
+    );
+    Xmpp {
+        handler,
+        provider,
+        clock,
+        _dir: dir,
+    }
+}
+
+/// What came back: ("result", xml) or ("error", "<type>/<condition>", text, xml).
+#[derive(Debug)]
+struct Out {
+    kind: &'static str,
+    condition: String,
+    text: String,
+    xml: String,
+}
+
+impl Xmpp {
+    async fn send(&self, from: &str, type_: &str, payload: &str) -> Option<Out> {
+        let xml = format!(
+            "<iq xmlns='jabber:component:accept' from='{from}' to='register.localhost' \
+             id='q1' type='{type_}'>{payload}</iq>"
+        );
+        let iq = Iq::try_from(Element::from_str(&xml).unwrap()).unwrap();
+        let answer = self.handler.handle(iq).await?;
+        assert_eq!(answer.id(), "q1");
+        assert_eq!(answer.to().unwrap().to_string(), from);
+        assert_eq!(answer.from().unwrap().to_string(), "register.localhost");
+        let xml = String::from(&Element::from(answer.clone()));
+        Some(match answer {
+            Iq::Error { error, .. } => Out {
+                kind: "error",
+                condition: format!(
+                    "{}/{}",
+                    format!("{:?}", error.type_).to_lowercase(),
+                    Element::from(error.defined_condition.clone()).name()
+                ),
+                text: error.texts.get("en").cloned().unwrap_or_default(),
+                xml,
+            },
+            _ => Out {
+                kind: "result",
+                condition: String::new(),
+                text: String::new(),
+                xml,
+            },
+        })
+    }
+
+    async fn step1(&self, from: &str, phone: &str, extra: &str) -> Out {
+        let q = format!(
+            "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE' type='hidden'><value>jabber:iq:register</value></field>\
+             <field var='phone'><value>{phone}</value></field>{extra}</x></query>"
+        );
+        self.send(from, "set", &q).await.unwrap()
+    }
+
+    async fn step2(&self, from: &str, code: &str, key: &[u8]) -> Out {
+        let q = format!(
+            "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE' type='hidden'><value>http://kontalk.org/protocol/register#code</value></field>\
+             <field var='code'><value>{code}</value></field>\
+             <field var='publickey'><value>{}</value></field></x></query>",
+            b64(key)
+        );
+        self.send(from, "set", &q).await.unwrap()
+    }
+}
+
+fn field_value(xml: &str, var: &str) -> Option<String> {
+    let marker = format!("var='{var}'><value>");
+    let start = xml.find(&marker)? + marker.len();
+    Some(xml[start..start + xml[start..].find("</value>")?].to_owned())
+}
+
+fn jid() -> String {
+    format!("{EMULATOR_ACCOUNT}@localhost")
+}
+
+#[tokio::test]
+async fn disco_and_the_registration_form() {
+    let x = setup(|_| {}).await;
+    let out = x
+        .send(
+            "anon@localhost/r",
+            "get",
+            "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.kind, "result");
+    assert!(
+        out.xml.contains("<identity category='component'"),
+        "{}",
+        out.xml
+    );
+    assert!(
+        out.xml.contains("<feature var='jabber:iq:register'/>"),
+        "{}",
+        out.xml
+    );
+    let out = x
+        .send(
+            "anon@localhost/r",
+            "get",
+            "<query xmlns='http://jabber.org/protocol/disco#info' node='x'/>",
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.condition, "cancel/item-not-found");
+
+    let out = x
+        .send(
+            "anon@localhost/r",
+            "get",
+            "<query xmlns='jabber:iq:register'/>",
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.kind, "result");
+    assert!(out.xml.contains("<instructions>"), "{}", out.xml);
+    for var in ["FORM_TYPE", "phone", "force", "fallback", "challenge"] {
+        assert!(
+            out.xml.contains(&format!("var='{var}'")),
+            "{var}: {}",
+            out.xml
+        );
+    }
+    for c in ["pin", "voice", "missedcall"] {
+        assert!(
+            out.xml.contains(&format!("<value>{c}</value></option>")),
+            "{c}"
+        );
+    }
+    assert!(!out.xml.contains("callerid") && !out.xml.contains("accept-terms"));
+
+    let ping = x
+        .send("anon@localhost/r", "get", "<ping xmlns='urn:xmpp:ping'/>")
+        .await
+        .unwrap();
+    assert_eq!(ping.kind, "result");
+}
+
+#[tokio::test]
+async fn terms_appear_in_the_form_and_must_be_accepted() {
+    let x = setup(|c| c.settings.terms_url = Some("https://example.org/terms".into())).await;
+    let out = x
+        .send(
+            "a@localhost/r",
+            "get",
+            "<query xmlns='jabber:iq:register'/>",
+        )
+        .await
+        .unwrap();
+    assert!(out.xml.contains("var='accept-terms'"));
+    assert!(out.xml.contains("<value>https://example.org/terms</value>"));
+    let out = x.step1("a@localhost/r", EMULATOR, "").await;
+    assert_eq!(out.condition, "modify/not-allowed");
+    let out = x
+        .step1(
+            "a@localhost/r",
+            EMULATOR,
+            "<field var='accept-terms'><value>1</value></field>",
+        )
+        .await;
+    assert_eq!(out.kind, "result", "{out:?}");
+}
+
+#[tokio::test]
+async fn the_whole_kontalk_flow_with_conflict_and_force() {
+    let x = setup(|_| {}).await;
+    let out = x.step1("anon1@localhost/r", "+1 555 521 5554", "").await;
+    assert_eq!(out.kind, "result", "{out:?}");
+    assert_eq!(field_value(&out.xml, "from").as_deref(), Some("12345"));
+    assert_eq!(field_value(&out.xml, "challenge").as_deref(), Some("pin"));
+    assert!(out.xml.contains("<instructions>"));
+    // Step 2 comes on a new connection: another anonymous JID.
+    let key = user_key(&jid());
+    let code = x.provider.last_code(EMULATOR).unwrap();
+    let out = x.step2("anon2@localhost/r", &code, &public(&key)).await;
+    assert_eq!(out.kind, "result", "{out:?}");
+    assert!(
+        out.xml
+            .contains("<value>http://kontalk.org/protocol/register#code</value>")
+    );
+    let certified =
+        openpgp::parse_cert(&unb64(&field_value(&out.xml, "publickey").unwrap())).unwrap();
+    assert_eq!(certified.fingerprint(), key.fingerprint());
+    assert!(certified.userids().any(|u| u.certifications().count() == 1));
+
+    let out = x.step1("anon3@localhost/r", EMULATOR, "").await;
+    assert_eq!(
+        (out.condition.as_str(), out.text.as_str()),
+        (
+            "modify/conflict",
+            "Another user is registered with the same id."
+        )
+    );
+    let out = x
+        .step1(
+            "anon3@localhost/r",
+            EMULATOR,
+            "<field var='force' type='boolean'><value>true</value></field>",
+        )
+        .await;
+    assert_eq!(out.kind, "result", "{out:?}");
+    let new_key = user_key(&jid());
+    let code = x.provider.last_code(EMULATOR).unwrap();
+    let out = x.step2("anon4@localhost/r", &code, &public(&new_key)).await;
+    assert_eq!(out.kind, "result", "{out:?}");
+}
+
+#[tokio::test]
+async fn an_attackers_wrong_guesses_do_not_stop_the_real_client() {
+    let x = setup(|_| {}).await;
+    assert_eq!(
+        x.step1("victim@localhost/r", EMULATOR, "").await.kind,
+        "result"
+    );
+    let code = x.provider.last_code(EMULATOR).unwrap();
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    // Anyone can make a key naming the victim's account.
+    let attacker_key = public(&user_key(&jid()));
+    for left in (0..5).rev() {
+        let out = x.step2("attacker@localhost/r", wrong, &attacker_key).await;
+        assert_eq!(out.condition, "modify/bad-request");
+        assert_eq!(out.text, format!("wrong code; {left} attempts left"));
+    }
+    let out = x
+        .step2("attacker@localhost/other-resource", &code, &attacker_key)
+        .await;
+    assert_eq!(
+        out.condition, "wait/service-unavailable",
+        "the attacker's budget is spent, even with the right code"
+    );
+    assert!(
+        out.xml.contains("urn:kontalk-registrar:retry"),
+        "{}",
+        out.xml
+    );
+    // The real client, on its own connection, still registers.
+    let real = user_key(&jid());
+    let out = x
+        .step2("victim-new@localhost/r", &code, &public(&real))
+        .await;
+    assert_eq!(out.kind, "result", "{out:?}");
+}
+
+#[tokio::test]
+async fn attackers_rotating_jids_hit_the_verifications_total() {
+    let x = setup(|_| {}).await;
+    x.step1("victim@localhost/r", EMULATOR, "").await;
+    let code = x.provider.last_code(EMULATOR).unwrap();
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let key = public(&user_key(&jid()));
+    for i in 0..15 {
+        let out = x
+            .step2(&format!("attacker{}@localhost/r", i / 5), wrong, &key)
+            .await;
+        assert_eq!(out.condition, "modify/bad-request", "{i}");
+    }
+    let out = x.step2("fresh@localhost/r", &code, &key).await;
+    assert_eq!(
+        out.condition, "wait/service-unavailable",
+        "locked for everyone at the total"
+    );
+    assert!(
+        out.text.contains("try again") || out.text.contains("start again"),
+        "{}",
+        out.text
+    );
+    // ... until it expires.
+    x.clock.advance(Duration::from_secs(601));
+    assert_eq!(
+        x.step1("victim@localhost/r", EMULATOR, "").await.kind,
+        "result"
+    );
+}
+
+#[tokio::test]
+async fn errors_follow_the_table() {
+    let x = setup(|_| {}).await;
+    let from = "a@localhost/r";
+    // Bad numbers, codes and keys: bad-request.
+    assert_eq!(
+        x.step1(from, "garbage", "").await.condition,
+        "modify/bad-request"
+    );
+    assert_eq!(
+        x.step1(from, "+999 1", "").await.condition,
+        "modify/bad-request"
+    );
+    // Nothing pending for the key's account: item-not-found.
+    let key = public(&user_key(&jid()));
+    assert_eq!(
+        x.step2(from, "123456", &key).await.condition,
+        "cancel/item-not-found"
+    );
+    x.step1(from, EMULATOR, "").await;
+    assert_eq!(
+        x.step2(from, "12a456", &key).await.condition,
+        "modify/bad-request"
+    );
+    let out = x.step2(from, "123456", b"not a key").await;
+    assert_eq!(out.condition, "modify/bad-request");
+    assert!(out.text.contains("OpenPGP"), "{}", out.text);
+    let other = public(&user_key(
+        "0000000000000000000000000000000000000000@localhost",
+    ));
+    assert_eq!(
+        x.step2(from, "123456", &other).await.condition,
+        "cancel/item-not-found"
+    );
+    // Step 2 without a key in the form.
+    let no_key = "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>\
+        <field var='FORM_TYPE' type='hidden'><value>http://kontalk.org/protocol/register#code</value></field>\
+        <field var='code'><value>123456</value></field></x></query>";
+    let out = x.send(from, "set", no_key).await.unwrap();
+    assert_eq!(out.condition, "modify/bad-request");
+    assert!(out.text.contains("publickey"));
+    // A resend inside the wait: service-unavailable of type wait, with the time.
+    let out = x.step1(from, EMULATOR, "").await;
+    assert_eq!(out.condition, "wait/service-unavailable");
+    assert!(out.text.contains("try again after"), "{}", out.text);
+    assert!(out.xml.contains("seconds='60'"), "{}", out.xml);
+    // Remove is not implemented yet; other payloads are unsupported.
+    let out = x
+        .send(
+            from,
+            "set",
+            "<query xmlns='jabber:iq:register'><remove/></query>",
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.condition, "cancel/feature-not-implemented");
+    let out = x
+        .send(from, "get", "<query xmlns='jabber:iq:version'/>")
+        .await
+        .unwrap();
+    assert_eq!(out.condition, "cancel/service-unavailable");
+    let out = x
+        .send(from, "set", "<query xmlns='jabber:iq:roster'/>")
+        .await
+        .unwrap();
+    assert_eq!(out.condition, "cancel/service-unavailable");
+    // Results and errors addressed to us get no answer.
+    let xml = "<iq xmlns='jabber:component:accept' from='a@localhost/r' to='register.localhost' id='r1' type='result'/>";
+    let iq = Iq::try_from(Element::from_str(xml).unwrap()).unwrap();
+    assert!(x.handler.handle(iq).await.is_none());
+}
+
+#[tokio::test]
+async fn registration_closed_is_not_allowed() {
+    let x = setup(|c| c.settings.open = false).await;
+    let out = x.step1("a@localhost/r", EMULATOR, "").await;
+    assert_eq!(out.condition, "cancel/not-allowed");
+}
