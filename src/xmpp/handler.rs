@@ -28,6 +28,8 @@ pub struct Handler {
 
 type Answer = Result<Option<Element>, StanzaError>;
 
+// StanzaError is large, but it is the protocol's own error type, built at most once per request.
+#[allow(clippy::result_large_err)]
 impl Handler {
     /// A handler answering as `jid`.
     pub fn new(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, jid: Jid) -> Self {
@@ -123,7 +125,9 @@ impl Handler {
         if !payload.is("query", ns::REGISTER) {
             return Err(unsupported());
         }
-        match forms::parse_submission(payload)? {
+        let submission =
+            forms::parse_submission(payload).map_err(|e| bad_request(&e.to_string()))?;
+        match submission {
             Submission::Start {
                 phone,
                 force,

@@ -5,4 +5,5 @@ mod cli;
 mod gpg;
 mod harness;
 mod http_api;
+mod xmpp_e2e;
 mod xmpp_handler;

@@ -1,0 +1,212 @@
+//! End to end with real software: a real Prosody (Debian's package) with an anonymous virtual
+//! host and our component, the real `kontalk-registrar` binary as that component, slixmpp (PyPI)
+//! as the client and GnuPG for the keys. Prosody is restarted mid-way: the component must
+//! reconnect and the next registration succeed.
+//!
+//! `scripts/test` installs Prosody and a virtualenv with slixmpp; on CI their absence fails the
+//! test instead of skipping it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kontalk-registrar");
+const SECRET: &str = "e2e-component-secret";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killed(Child, &'static str);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        eprintln!("{} had to be killed", self.1);
+    }
+}
+
+/// The tools, or `None` (skip) outside CI.
+fn tools() -> Option<(PathBuf, PathBuf)> {
+    let prosody = which("prosody");
+    let python = std::env::var_os("REGISTRAR_E2E_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-venv/bin/python");
+            p.exists().then_some(p)
+        });
+    match (prosody, python) {
+        (Some(p), Some(py)) => Some((p, py)),
+        missing => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "prosody or the slixmpp virtualenv is missing on CI ({missing:?}): run scripts/test"
+            );
+            eprintln!("prosody or slixmpp missing: skipping (scripts/test installs them)");
+            None
+        }
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn prosody_config(dir: &Path, c2s: u16, component: u16) -> PathBuf {
+    let data = dir.join("prosody-data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(dir.join("certs")).unwrap();
+    let config = dir.join("prosody.cfg.lua");
+    std::fs::write(
+        &config,
+        format!(
+            r#"run_as_root = true
+pidfile = "{dir}/prosody.pid"
+data_path = "{data}"
+plugin_paths = {{}}
+certificates = "{dir}/certs"
+interfaces = {{ "127.0.0.1" }}
+c2s_ports = {{ {c2s} }}
+c2s_direct_tls_ports = {{}}
+s2s_ports = {{}}
+component_interfaces = {{ "127.0.0.1" }}
+component_ports = {{ {component} }}
+http_ports = {{}}
+https_ports = {{}}
+modules_enabled = {{ "disco"; "ping"; "saslauth"; "posix"; }}
+modules_disabled = {{ "s2s" }}
+c2s_require_encryption = false
+allow_unencrypted_plain_auth = true
+authentication = "internal_hashed"
+storage = "internal"
+log = {{ debug = "{dir}/prosody.log"; }}
+
+VirtualHost "localhost"
+    authentication = "anonymous"
+
+Component "register.localhost"
+    component_secret = "{SECRET}"
+"#,
+            dir = dir.display(),
+            data = data.display(),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn start_prosody(prosody: &Path, config: &Path, c2s: u16, component: u16) -> Killed {
+    let child = Command::new(prosody)
+        .args(["-F", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = Killed(child, "prosody");
+    wait_for_port(c2s, "prosody c2s");
+    wait_for_port(component, "prosody component port");
+    p
+}
+
+fn client(python: &Path, phase: &str, c2s: u16, outbox: &Path, http: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/xmpp/e2e_client.py");
+    let out = Command::new(python)
+        .arg(&script)
+        .args([phase, &c2s.to_string(), "register.localhost"])
+        .arg(outbox)
+        .arg(http)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains(&format!("PASS {phase}")),
+        "slixmpp client phase {phase} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
+    let Some((prosody, python)) = tools() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (c2s, component, http) = (free_port(), free_port(), free_port());
+    let config = prosody_config(dir.path(), c2s, component);
+    let server = start_prosody(&prosody, &config, c2s, component);
+
+    let data = dir.path().join("registrar-data");
+    let registrar_config = dir.path().join("registrar.toml");
+    std::fs::write(
+        &registrar_config,
+        format!(
+            "data_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:{http}\"\n\
+             [xmpp.component]\nserver = \"127.0.0.1:{component}\"\njid = \"register.localhost\"\n\
+             ping_interval_seconds = 5\n",
+            data = data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("registrar.log")).unwrap();
+    let registrar = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&registrar_config)
+        .env("REGISTRAR_XMPP__COMPONENT__SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let registrar = Killed(registrar, "kontalk-registrar");
+    wait_for_port(http, "kontalk-registrar");
+    let base = format!("http://127.0.0.1:{http}");
+    let outbox = data.join("outbox.jsonl");
+
+    client(&python, "flow", c2s, &outbox, &base);
+
+    // Restart the XMPP server under the component.
+    drop(server);
+    let server = start_prosody(&prosody, &config, c2s, component);
+    client(&python, "restart", c2s, &outbox, &base);
+
+    drop(registrar);
+    drop(server);
+    let log = std::fs::read_to_string(dir.path().join("registrar.log")).unwrap();
+    assert!(log.contains("XMPP component connected"), "{log}");
+    assert!(
+        log.contains("reconnecting") || log.matches("XMPP component connected").count() >= 2,
+        "{log}"
+    );
+    assert!(
+        !log.contains(SECRET),
+        "the component secret reached the log"
+    );
+    assert!(!log.contains("5555215554"), "a number reached the log");
+}
