@@ -153,6 +153,10 @@ async fn serve(
                     if ping_outstanding {
                         return Ended::Lost;
                     }
+                    tracing::debug!(
+                        "component stream: nothing readable (quiet spell, unparsable stanza or \
+                         closed stream); pinging the server"
+                    );
                     pings += 1;
                     let ping = Iq::from_get(format!("keepalive-{pings}"), Ping)
                         .with_from(me.clone())

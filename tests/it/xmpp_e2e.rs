@@ -13,12 +13,13 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_kontalk-registrar");
 const SECRET: &str = "e2e-component-secret";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `N` distinct free ports: the listeners are held until all are chosen, so that the system
+/// cannot hand out one port twice.
+fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
 }
 
 struct Killed(Child, &'static str);
@@ -158,7 +159,7 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let (c2s, component, http) = (free_port(), free_port(), free_port());
+    let [c2s, component, http, other_http] = free_ports();
     let config = prosody_config(dir.path(), c2s, component);
     let server = start_prosody(&prosody, &config, c2s, component);
 
@@ -179,7 +180,7 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
         .args(["serve", "--config"])
         .arg(&registrar_config)
         .env("REGISTRAR_XMPP__COMPONENT__SECRET", SECRET)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,kontalk_registrar::xmpp=debug")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -191,6 +192,47 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
 
     client(&python, "flow", c2s, &outbox, &base);
 
+    // A quiet spell of more than two ping intervals: the keepalive holds the link.
+    std::thread::sleep(Duration::from_secs(12));
+    client(&python, "quiet", c2s, &outbox, &base);
+    let log_path = dir.path().join("registrar.log");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(log.matches("XMPP component connected").count(), 1, "{log}");
+    assert!(!log.contains("link lost"), "{log}");
+
+    // A second instance with a wrong secret is refused, says so, and retries.
+    let wrong = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&registrar_config)
+        .args(["--http", &format!("127.0.0.1:{other_http}")])
+        .args(["--data-dir"])
+        .arg(dir.path().join("wrong-data"))
+        .env("REGISTRAR_XMPP__COMPONENT__SECRET", "not-the-secret")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("wrong.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let wrong = Killed(wrong, "kontalk-registrar (wrong secret)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("wrong.log")).unwrap();
+        if log.matches("the XMPP server refused the component").count() >= 2 {
+            assert!(log.contains("check xmpp.component.secret"), "{log}");
+            assert!(
+                !log.contains("not-the-secret"),
+                "the secret reached the log"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no clear, retried refusal:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(wrong);
+
     // Restart the XMPP server under the component.
     drop(server);
     let server = start_prosody(&prosody, &config, c2s, component);
@@ -198,8 +240,15 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
 
     drop(registrar);
     drop(server);
-    let log = std::fs::read_to_string(dir.path().join("registrar.log")).unwrap();
-    assert!(log.contains("XMPP component connected"), "{log}");
+    // REGISTRAR_E2E_KEEP_LOG=FILE keeps the service log of the run for a look.
+    if let Some(keep) = std::env::var_os("REGISTRAR_E2E_KEEP_LOG") {
+        std::fs::copy(&log_path, keep).unwrap();
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("XMPP component disconnected"),
+        "graceful shutdown closes the stream: {log}"
+    );
     assert!(
         log.contains("reconnecting") || log.matches("XMPP component connected").count() >= 2,
         "{log}"

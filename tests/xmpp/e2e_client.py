@@ -6,6 +6,7 @@ kontalk-registrar's own code.
 
 usage: e2e_client.py PHASE C2S_PORT COMPONENT_JID OUTBOX HTTP_BASE
   PHASE "flow":    disco, form, register, conflict, force, attacker vs real client
+  PHASE "quiet":   after a quiet spell, the component still answers
   PHASE "restart": wait for the component to come back, then register another number
 Exit status 0 when every check passed.
 """
@@ -172,9 +173,22 @@ async def register(phone, force=False, after=0):
     return seen
 
 
+async def disco_ok(s, what):
+    info = (await s.plugin["xep_0030"].get_info(jid=COMPONENT, timeout=20))["disco_info"]
+    check("jabber:iq:register" in info["features"], what)
+    return info
+
+
 async def flow():
     phone = "+15555215554"
     s = await open_session()
+    # Messages and presence are ignored, and a stanza the component cannot parse (a message of
+    # an unknown type) does not take it down.
+    s.send_raw(f"<message to='{COMPONENT}' id='m1' type='chat'><body>hello</body></message>")
+    s.send_raw(f"<presence to='{COMPONENT}'/>")
+    s.send_raw(f"<message to='{COMPONENT}' id='m2' type='no-such-type'><body>x</body></message>")
+    await asyncio.sleep(0.5)
+    await disco_ok(s, "the component answers after messages, presence and a bad stanza")
     info = (await s.plugin["xep_0030"].get_info(jid=COMPONENT, timeout=20))["disco_info"]
     check("jabber:iq:register" in info["features"], "disco#info lists jabber:iq:register")
     check(len(info["identities"]) >= 1, "disco#info has an identity")
@@ -221,6 +235,12 @@ async def flow():
     check(certified_by_server(fpr, field(r[1], "publickey")), "its new key is certified")
 
 
+async def quiet():
+    s = await open_session()
+    await disco_ok(s, "the component still answers after a quiet spell")
+    await s.close()
+
+
 async def restart():
     # The XMPP server restarted: wait until the component is back, then register.
     deadline = time.time() + 60
@@ -240,7 +260,7 @@ async def restart():
 
 
 async def main():
-    await {"flow": flow, "restart": restart}[PHASE]()
+    await {"flow": flow, "quiet": quiet, "restart": restart}[PHASE]()
     print("PASS", PHASE, flush=True)
 
 
