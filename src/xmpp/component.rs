@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_xmpp::connect::DnsConfig;
 use tokio_xmpp::connect::TcpServerConnector;
 use tokio_xmpp::xmlstream::Timeouts;
@@ -29,6 +29,8 @@ use crate::config::ComponentConfig;
 pub const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Longest wait between two connection attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Requests handled at once; beyond it the loop stops reading, and the XMPP server buffers.
+pub const MAX_IN_FLIGHT: usize = 64;
 
 enum Ended {
     Stopped,
@@ -118,8 +120,10 @@ async fn serve(
         Err(_) => me.clone(),
     };
     let (mut sink, mut stream) = component.split();
-    // Answers come back from the handler tasks through this channel; the loop owns the sink.
-    let (answers_tx, mut answers) = mpsc::channel::<Stanza>(256);
+    // Answers come back from the handler tasks through this channel; the loop owns the sink. The
+    // channel holds more answers than there can be tasks, so a task never waits to send.
+    let (answers_tx, mut answers) = mpsc::channel::<Stanza>(MAX_IN_FLIGHT * 2);
+    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut pings = 0u64;
     let mut ping_outstanding = false;
     loop {
@@ -140,11 +144,15 @@ async fn serve(
             item = stream.next() => match item {
                 Some(Stanza::Iq(iq)) => {
                     ping_outstanding = false;
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        return Ended::Lost;
+                    };
                     let (handler, tx) = (handler.clone(), answers_tx.clone());
                     tokio::spawn(async move {
                         if let Some(answer) = handler.handle(iq).await {
                             let _ = tx.send(answer.into()).await;
                         }
+                        drop(permit);
                     });
                 }
                 // Messages and presence are not for us; their arrival proves the link alive.

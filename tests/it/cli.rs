@@ -4,33 +4,16 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kontalk-registrar");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Runs `serve` in `dir` (as the working directory, so `./data` is inside it).
-fn serve(dir: &Path, extra: &[&str]) -> (Served, String) {
-    let port = free_port();
+fn serve(dir: &Path, extra: &[&str]) -> (Process, String) {
+    let [port] = free_ports();
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(BIN)
         .current_dir(dir)
@@ -41,12 +24,8 @@ fn serve(dir: &Path, extra: &[&str]) -> (Served, String) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let served = Served(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "serve did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let served = Process(child, "kontalk-registrar");
+    wait_for_health(port);
     (served, format!("http://{addr}"))
 }
 
@@ -262,7 +241,7 @@ fn bad_configuration_is_refused_at_start_naming_the_key() {
 #[test]
 fn serve_logs_no_codes_or_numbers() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let [port] = free_ports();
     let addr = format!("127.0.0.1:{port}");
     let mut child = Command::new(BIN)
         .current_dir(dir.path())
@@ -279,12 +258,8 @@ fn serve_logs_no_codes_or_numbers() {
             .map_while(Result::ok)
             .collect::<Vec<_>>()
     });
-    let served = Served(child);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let served = Process(child, "kontalk-registrar");
+    wait_for_health(port);
     let client = http_client();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

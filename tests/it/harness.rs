@@ -274,3 +274,67 @@ pub fn user_key(jid: &str) -> sequoia_openpgp::Cert {
 pub fn public(cert: &sequoia_openpgp::Cert) -> Vec<u8> {
     kontalk_registrar::openpgp::public_bytes(cert).unwrap()
 }
+
+/// `N` distinct free loopback ports: the listeners are held until all are chosen, so that the
+/// system cannot hand out one port twice.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
+}
+
+/// Waits until something listens on `port`.
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until the service on `port` answers `GET /healthz` with 200 (start-up done).
+pub fn wait_for_health(port: u16) {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let mut reply = String::new();
+            if c.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").is_ok()
+                && c.read_to_string(&mut reply).is_ok()
+                && reply.split_whitespace().nth(1) == Some("200")
+            {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the service on {port} did not become healthy"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process that is stopped with SIGTERM (then killed) when dropped.
+pub struct Process(pub std::process::Child, pub &'static str);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .arg(self.0.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        eprintln!("{} had to be killed", self.1);
+    }
+}

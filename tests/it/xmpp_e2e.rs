@@ -7,38 +7,13 @@
 //! test instead of skipping it.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::harness::{Process, free_ports, wait_for_health, wait_for_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kontalk-registrar");
 const SECRET: &str = "e2e-component-secret";
-
-/// `N` distinct free ports: the listeners are held until all are chosen, so that the system
-/// cannot hand out one port twice.
-fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<_> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().unwrap().port())
-}
-
-struct Killed(Child, &'static str);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        eprintln!("{} had to be killed", self.1);
-    }
-}
 
 /// The tools, or `None` (skip) outside CI.
 fn tools() -> Option<(PathBuf, PathBuf)> {
@@ -68,14 +43,6 @@ fn which(name: &str) -> Option<PathBuf> {
         .split(':')
         .map(|d| Path::new(d).join(name))
         .find(|p| p.is_file())
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn prosody_config(dir: &Path, c2s: u16, component: u16) -> PathBuf {
@@ -121,7 +88,7 @@ Component "register.localhost"
     config
 }
 
-fn start_prosody(prosody: &Path, config: &Path, c2s: u16, component: u16) -> Killed {
+fn start_prosody(prosody: &Path, config: &Path, c2s: u16, component: u16) -> Process {
     let child = Command::new(prosody)
         .args(["-F", "--config"])
         .arg(config)
@@ -129,7 +96,7 @@ fn start_prosody(prosody: &Path, config: &Path, c2s: u16, component: u16) -> Kil
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let p = Killed(child, "prosody");
+    let p = Process(child, "prosody");
     wait_for_port(c2s, "prosody c2s");
     wait_for_port(component, "prosody component port");
     p
@@ -185,8 +152,8 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let registrar = Killed(registrar, "kontalk-registrar");
-    wait_for_port(http, "kontalk-registrar");
+    let registrar = Process(registrar, "kontalk-registrar");
+    wait_for_health(http);
     let base = format!("http://127.0.0.1:{http}");
     let outbox = data.join("outbox.jsonl");
 
@@ -213,7 +180,7 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
         .stderr(std::fs::File::create(dir.path().join("wrong.log")).unwrap())
         .spawn()
         .unwrap();
-    let wrong = Killed(wrong, "kontalk-registrar (wrong secret)");
+    let wrong = Process(wrong, "kontalk-registrar (wrong secret)");
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let log = std::fs::read_to_string(dir.path().join("wrong.log")).unwrap();
