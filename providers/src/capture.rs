@@ -108,6 +108,7 @@ mod tests {
             text: "t".into(),
             reference: "r".into(),
             valid_for: Duration::from_secs(1),
+            locale: None,
         };
         p.fail_next(ProviderError::new("cap", ErrorKind::Transient, "down"));
         assert!(p.send(&msg).await.unwrap_err().is_transient());

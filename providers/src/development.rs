@@ -159,6 +159,7 @@ mod tests {
             text: format!("{code} is your code"),
             reference: "ref1".into(),
             valid_for: Duration::from_secs(600),
+            locale: None,
         }
     }
 

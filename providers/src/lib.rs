@@ -17,7 +17,14 @@
 )]
 
 mod capture;
+pub mod checkmobi;
 mod development;
+pub mod emulator;
+pub mod generic;
+pub mod http;
+mod secret;
+pub mod twilio;
+pub mod vonage;
 
 use std::fmt;
 use std::time::Duration;
@@ -27,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use capture::CapturingProvider;
 pub use development::DevelopmentProvider;
+pub use secret::{Credential, Secret};
 
 /// How the user receives the code. One enum behind every transport: the XMPP form values and the
 /// JSON API values are these names.
@@ -96,6 +104,9 @@ pub struct Outgoing {
     pub reference: String,
     /// How long the code stays valid: a provider must not deliver after this.
     pub valid_for: Duration,
+    /// The client's language (`en`, `it`, `pt-BR`), for providers that word the message
+    /// themselves (verify APIs).
+    pub locale: Option<String>,
 }
 
 // The code is a secret: keep it out of `Debug` output, which may end up in logs.
@@ -185,6 +196,74 @@ impl ProviderError {
     }
 }
 
+/// A status callback as it reached the receipts endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiptRequest<'a> {
+    /// `GET` or `POST`.
+    pub method: &'a str,
+    /// The full URL the provider called, as configured for it (signatures cover it).
+    pub url: &'a str,
+    /// Request headers, names in lower case.
+    pub headers: &'a [(String, String)],
+    /// The body.
+    pub body: &'a [u8],
+}
+
+impl ReceiptRequest<'_> {
+    /// The first header called `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a receipt says about a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// The handset got it.
+    Delivered,
+    /// It will not arrive.
+    Failed,
+    /// Still on its way (queued, sent, ringing).
+    Pending,
+}
+
+impl DeliveryState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Failed => "failed",
+            DeliveryState::Pending => "pending",
+        }
+    }
+}
+
+/// A parsed, authenticated delivery receipt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    /// The provider's reference of the delivery ([`Delivery::provider_ref`]).
+    pub provider_ref: String,
+    /// What happened.
+    pub state: DeliveryState,
+}
+
+/// A receipt that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReceiptError {
+    /// The signature or token does not match: not from the provider.
+    #[error("the receipt is not authenticated")]
+    Unauthenticated,
+    /// The request does not have the provider's documented shape.
+    #[error("malformed receipt: {0}")]
+    Malformed(String),
+    /// This provider sends no receipts.
+    #[error("this provider sends no delivery receipts")]
+    Unsupported,
+}
+
 /// A gateway that delivers challenges.
 #[async_trait]
 pub trait Provider: Send + Sync {
@@ -208,6 +287,12 @@ pub trait Provider: Send + Sync {
             ErrorKind::Unsupported,
             "this provider does not check codes",
         ))
+    }
+
+    /// Authenticates and parses a status callback sent to this provider's receipts endpoint.
+    fn parse_receipt(&self, request: &ReceiptRequest<'_>) -> Result<Receipt, ReceiptError> {
+        let _ = request;
+        Err(ReceiptError::Unsupported)
     }
 }
 
@@ -267,6 +352,7 @@ mod tests {
             text: "839775 is your code".into(),
             reference: "abc".into(),
             valid_for: Duration::from_secs(600),
+            locale: None,
         };
         let s = format!("{m:?}");
         assert!(!s.contains("839775") && !s.contains("5215554"), "{s}");

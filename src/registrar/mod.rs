@@ -420,6 +420,7 @@ impl Registrar {
             text: self.message_text(record.challenge, code),
             reference: record.id.clone(),
             valid_for,
+            locale: None,
         };
         let delivery = provider
             .send(&message)

@@ -1,0 +1,1 @@
+//! CheckMobi: missed call by reverse CLI, SMS, and validation/verify.

@@ -1,0 +1,1 @@
+//! Android emulator: SMS through the emulator console on localhost.

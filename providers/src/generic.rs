@@ -1,0 +1,1 @@
+//! Generic HTTP gateway: URL, method, headers and a body template.

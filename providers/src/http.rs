@@ -1,0 +1,87 @@
+//! What every HTTP gateway shares: a client with a timeout, and the mapping of HTTP failures to
+//! [`ProviderError`]s (transient: timeouts, connection failures, 429 and 5xx; permanent: the rest).
+//! Errors never carry URLs (which may hold credentials) nor response bodies beyond a short,
+//! sanitised excerpt.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use crate::{ErrorKind, ProviderError};
+
+/// Default timeout of one provider call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An HTTP client for provider calls, with `timeout` on every request.
+pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {
+    // reqwest is built without a default crypto provider: install ring once per process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .user_agent(concat!("kontalk-registrar/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// A transport failure (timeout, refused connection, TLS): transient.
+pub fn transport_error(provider: &str, e: reqwest::Error) -> ProviderError {
+    let e = e.without_url();
+    let what = if e.is_timeout() {
+        "timed out".to_owned()
+    } else if e.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        format!("request failed: {e}")
+    };
+    ProviderError::new(provider, ErrorKind::Transient, what)
+}
+
+/// A short, single-line excerpt of a response body for operators' logs.
+pub fn excerpt(body: &str) -> String {
+    let one_line: String = body
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    one_line.trim().to_owned()
+}
+
+/// The kind of failure an HTTP status means when the provider gave no more precise reason.
+pub fn status_kind(status: StatusCode) -> ErrorKind {
+    if status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::REQUEST_TIMEOUT
+        || status.is_server_error()
+    {
+        ErrorKind::Transient
+    } else {
+        ErrorKind::Permanent
+    }
+}
+
+/// A failure answered with `status` and `body`.
+pub fn status_error(provider: &str, status: StatusCode, body: &str) -> ProviderError {
+    ProviderError::new(
+        provider,
+        status_kind(status),
+        format!("HTTP {}: {}", status.as_u16(), excerpt(body)),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_kinds() {
+        assert_eq!(
+            status_kind(StatusCode::TOO_MANY_REQUESTS),
+            ErrorKind::Transient
+        );
+        assert_eq!(status_kind(StatusCode::BAD_GATEWAY), ErrorKind::Transient);
+        assert_eq!(status_kind(StatusCode::BAD_REQUEST), ErrorKind::Permanent);
+        assert_eq!(status_kind(StatusCode::UNAUTHORIZED), ErrorKind::Permanent);
+        assert_eq!(excerpt("a\nb\u{0}c"), "a b c");
+        assert_eq!(excerpt(&"x".repeat(1000)).len(), 200);
+    }
+}

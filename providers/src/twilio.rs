@@ -1,0 +1,1 @@
+//! Twilio: Programmable Messaging (SMS), Calls (voice PIN with TwiML) and Verify v2.

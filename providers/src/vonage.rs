@@ -1,0 +1,1 @@
+//! Vonage (Nexmo): SMS API and Verify.
