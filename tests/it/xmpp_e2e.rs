@@ -18,7 +18,7 @@ const SECRET: &str = "e2e-component-secret";
 /// The tools, or `None` (skip) outside CI.
 fn tools() -> Option<(PathBuf, PathBuf)> {
     let prosody = which("prosody");
-    let python = std::env::var_os("REGISTRAR_E2E_PYTHON")
+    let python = std::env::var_os("KONTALK_E2E_PYTHON")
         .map(PathBuf::from)
         .or_else(|| {
             let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/e2e-venv/bin/python");
@@ -207,8 +207,8 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
 
     drop(registrar);
     drop(server);
-    // REGISTRAR_E2E_KEEP_LOG=FILE keeps the service log of the run for a look.
-    if let Some(keep) = std::env::var_os("REGISTRAR_E2E_KEEP_LOG") {
+    // KONTALK_E2E_KEEP_LOG=FILE keeps the service log of the run for a look.
+    if let Some(keep) = std::env::var_os("KONTALK_E2E_KEEP_LOG") {
         std::fs::copy(&log_path, keep).unwrap();
     }
     let log = std::fs::read_to_string(&log_path).unwrap();
