@@ -13,7 +13,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::phone::{NumberType, PhonePolicy};
-use crate::registrar::{CODE_LENGTHS, Challenge, Settings};
+use crate::registrar::{CODE_LENGTHS, Challenge, DispatchSettings, Route, Settings, Templates};
 use crate::secret::ServerSecret;
 
 /// Environment variables with this prefix overlay the file.
@@ -76,6 +76,13 @@ pub struct FileConfig {
     pub phone: PhoneSection,
     /// `[[providers]]`, tried in order.
     pub providers: Vec<ProviderConfig>,
+    /// `[[routes]]`: which providers serve which numbers.
+    pub routes: Vec<RouteConfig>,
+    /// `[delivery]`: timeouts and circuit breakers of provider calls.
+    pub delivery: DeliverySection,
+    /// `[templates.<challenge>]`: message texts per language.
+    pub templates:
+        std::collections::BTreeMap<Challenge, std::collections::BTreeMap<String, String>>,
     /// `[xmpp]`.
     pub xmpp: XmppSection,
     /// `[log]`.
@@ -94,6 +101,9 @@ impl Default for FileConfig {
             verification: VerificationSection::default(),
             phone: PhoneSection::default(),
             providers: Vec::new(),
+            routes: Vec::new(),
+            delivery: DeliverySection::default(),
+            templates: Default::default(),
             xmpp: XmppSection::default(),
             log: LogSection::default(),
         }
@@ -124,6 +134,42 @@ impl Default for ServerSection {
             secret_file: None,
             secret: None,
             allow_rsa_key: false,
+        }
+    }
+}
+
+/// One `[[routes]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// E.164 prefix: a country calling code or longer (`+39`, `+44 7`).
+    pub prefix: String,
+    /// Only for this challenge; every challenge when absent.
+    #[serde(default)]
+    pub challenge: Option<Challenge>,
+    /// Provider names, tried in order.
+    pub providers: Vec<String>,
+}
+
+/// `[delivery]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySection {
+    /// Longest wait for one provider call, in seconds.
+    pub timeout_seconds: u64,
+    /// Transient failures in a row that open a provider's circuit breaker.
+    pub breaker_failures: u32,
+    /// Seconds an open breaker skips its provider before one probe.
+    pub breaker_open_seconds: u64,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        let d = DispatchSettings::default();
+        Self {
+            timeout_seconds: d.timeout.as_secs(),
+            breaker_failures: d.breaker_failures,
+            breaker_open_seconds: d.breaker_open.as_secs(),
         }
     }
 }
@@ -171,6 +217,9 @@ pub struct HttpSection {
     pub listen: SocketAddr,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// The service's public base URL as providers call it (`https://reg.example.org`), for
+    /// receipt signatures; default: the request's Host header over http.
+    pub public_url: Option<String>,
 }
 
 impl Default for HttpSection {
@@ -178,6 +227,7 @@ impl Default for HttpSection {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 64 * 1024,
+            public_url: None,
         }
     }
 }
@@ -326,6 +376,15 @@ pub enum ProviderConfig {
     },
 }
 
+impl ProviderConfig {
+    /// The provider's configured name.
+    pub fn name(&self) -> &str {
+        match self {
+            ProviderConfig::Development { name, .. } => name,
+        }
+    }
+}
+
 /// Where the server secret comes from.
 #[derive(Debug, Clone)]
 pub enum SecretSource {
@@ -359,6 +418,8 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// HTTP body limit.
     pub max_body_bytes: usize,
+    /// Public base URL for receipt signatures.
+    pub public_url: Option<String>,
     /// Database URL.
     pub database_url: String,
     /// Database pool size.
@@ -367,6 +428,10 @@ pub struct Config {
     pub settings: Settings,
     /// Providers, in order.
     pub providers: Vec<ProviderConfig>,
+    /// Routing rules.
+    pub routes: Vec<Route>,
+    /// Provider call timeouts and breakers.
+    pub dispatch: DispatchSettings,
     /// The XMPP component, if configured.
     pub xmpp_component: Option<ComponentConfig>,
     /// Log filter.
@@ -503,6 +568,11 @@ impl FileConfig {
                 "must be between 1024 and 1048576",
             ));
         }
+        if let Some(u) = &self.http.public_url
+            && !(u.starts_with("https://") || u.starts_with("http://"))
+        {
+            return Err(bad("http.public_url", "must be an http(s) URL"));
+        }
         if self.database.max_connections == 0 {
             return Err(bad("database.max_connections", "must be at least 1"));
         }
@@ -614,6 +684,62 @@ impl FileConfig {
             None => format!("sqlite://{}", self.data_dir.join("registrar.db").display()),
         };
 
+        let provider_names: Vec<&str> = providers.iter().map(ProviderConfig::name).collect();
+        let mut routes = Vec::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            let prefix: String = r
+                .prefix
+                .chars()
+                .filter(|c| !matches!(c, ' ' | '-'))
+                .collect();
+            let digits = prefix.strip_prefix('+').unwrap_or(&prefix);
+            if digits.is_empty() || digits.len() > 15 || !digits.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Err(bad(
+                    &format!("routes[{i}].prefix"),
+                    format!("{:?} is not an E.164 prefix such as \"+39\"", r.prefix),
+                ));
+            }
+            if r.providers.is_empty() {
+                return Err(bad(
+                    &format!("routes[{i}].providers"),
+                    "must name at least one provider",
+                ));
+            }
+            for name in &r.providers {
+                if !provider_names.contains(&name.as_str()) {
+                    return Err(bad(
+                        &format!("routes[{i}].providers"),
+                        format!("no provider is named {name:?}"),
+                    ));
+                }
+            }
+            routes.push(Route {
+                prefix: digits.to_owned(),
+                challenge: r.challenge,
+                providers: r.providers.clone(),
+            });
+        }
+        let d = &self.delivery;
+        if !(1..=120).contains(&d.timeout_seconds) {
+            return Err(bad("delivery.timeout_seconds", "must be between 1 and 120"));
+        }
+        if d.breaker_failures == 0 {
+            return Err(bad("delivery.breaker_failures", "must be at least 1"));
+        }
+        if !(1..=3600).contains(&d.breaker_open_seconds) {
+            return Err(bad(
+                "delivery.breaker_open_seconds",
+                "must be between 1 and 3600",
+            ));
+        }
+        let dispatch = DispatchSettings {
+            timeout: Duration::from_secs(d.timeout_seconds),
+            breaker_failures: d.breaker_failures,
+            breaker_open: Duration::from_secs(d.breaker_open_seconds),
+        };
+        let templates = Templates::new(&self.templates).map_err(ConfigError)?;
+
         let xmpp_component = match &self.xmpp.component {
             None => None,
             Some(c) => {
@@ -678,6 +804,7 @@ impl FileConfig {
             terms_url: self.registration.terms_url.clone(),
             service_name: self.registration.service_name.clone(),
             default_challenge: v.default_challenge,
+            templates,
         };
         Ok(Config {
             mode: self.mode,
@@ -688,10 +815,13 @@ impl FileConfig {
             allow_rsa_key: self.server.allow_rsa_key || !production,
             http_listen: self.http.listen,
             max_body_bytes: self.http.max_body_bytes,
+            public_url: self.http.public_url.clone(),
             database_url,
             database_max_connections: self.database.max_connections,
             settings,
             providers,
+            routes,
+            dispatch,
             xmpp_component,
             log_filter: self.log.filter,
         })
@@ -872,7 +1002,17 @@ mod tests {
                 secret_file: Some("f".into()),
                 ping_interval_seconds: 60,
             });
-            walk("", &serde_json::to_value(sample).unwrap(), &mut keys);
+            sample.routes.push(RouteConfig {
+                prefix: "+39".into(),
+                challenge: Some(Challenge::Pin),
+                providers: vec!["development".into()],
+            });
+            walk("", &serde_json::to_value(&sample).unwrap(), &mut keys);
+            if let serde_json::Value::Object(route) =
+                serde_json::to_value(&sample.routes[0]).unwrap()
+            {
+                keys.extend(route.keys().map(|k| format!("routes.{k}")));
+            }
             walk(
                 "providers",
                 &serde_json::to_value(&dev[0]).unwrap(),
@@ -885,7 +1025,7 @@ mod tests {
                     l.starts_with(&format!("{name} =")) || l.starts_with(&format!("{name}:"))
                 });
                 assert!(
-                    documented || name == "providers",
+                    documented || name == "providers" || name == "routes",
                     "{key} is not in the example"
                 );
             }

@@ -179,10 +179,23 @@ impl App {
             .providers
             .unwrap_or_else(|| build_providers(&config));
         let clock = services.clock.unwrap_or_else(|| Arc::new(SystemClock));
+        for (key, encoding) in config
+            .settings
+            .templates
+            .oversized_sms(&config.settings.service_name, config.settings.code_length)
+        {
+            tracing::warn!(template = %key, ?encoding, "an SMS template does not fit one message");
+        }
+        let dispatcher = registrar::Dispatcher::new(
+            providers,
+            config.routes.clone(),
+            config.dispatch,
+            clock.clone(),
+        );
         let registrar = Arc::new(Registrar::new(
             config.settings.clone(),
             store,
-            providers,
+            dispatcher,
             server_key,
             secret,
             clock.clone(),
@@ -248,6 +261,7 @@ impl App {
             self.registrar.clone(),
             self.clock.clone(),
             self.config.max_body_bytes,
+            self.config.public_url.clone(),
         );
         let addr = listeners.http.local_addr()?;
         tracing::info!(

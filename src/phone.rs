@@ -33,6 +33,15 @@ impl PhoneNumber {
         self.calling_code
     }
 
+    /// A number read back from our own store (written there from an accepted number).
+    pub(crate) fn from_stored(e164: &str) -> Option<Self> {
+        let parsed = phonenumber::parse(None, e164).ok()?;
+        Some(Self {
+            e164: e164.to_owned(),
+            calling_code: parsed.code().value(),
+        })
+    }
+
     /// The account this number registers.
     pub fn account(&self) -> AccountId {
         AccountId::for_number(self)

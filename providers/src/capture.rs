@@ -6,7 +6,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use crate::{Challenge, DeliveredCode, Delivery, Outgoing, Provider, ProviderError};
+use crate::{
+    Challenge, DeliveredCode, Delivery, DeliveryState, Outgoing, Provider, ProviderError, Receipt,
+    ReceiptError, ReceiptRequest,
+};
+
+/// The token the capturing provider expects on receipts (`authorization: Bearer <token>`).
+pub const CAPTURE_RECEIPT_TOKEN: &str = "capture-receipt-token";
 
 #[derive(Default)]
 struct State {
@@ -86,8 +92,32 @@ impl Provider for CapturingProvider {
         Ok(Delivery {
             sender: self.sender.clone(),
             instructions: None,
-            provider_ref: None,
+            provider_ref: Some(format!("{}-{}", self.name, state.sent.len())),
             code: DeliveredCode::Ours,
+        })
+    }
+
+    /// Receipts for tests: `authorization: Bearer` [`CAPTURE_RECEIPT_TOKEN`] and a JSON body
+    /// `{"ref": "<provider ref>", "state": "delivered" | "failed" | "pending"}`.
+    fn parse_receipt(&self, request: &ReceiptRequest<'_>) -> Result<Receipt, ReceiptError> {
+        if request.header("authorization") != Some(&format!("Bearer {CAPTURE_RECEIPT_TOKEN}")) {
+            return Err(ReceiptError::Unauthenticated);
+        }
+        let body: serde_json::Value = serde_json::from_slice(request.body)
+            .map_err(|e| ReceiptError::Malformed(e.to_string()))?;
+        let state = match body["state"].as_str() {
+            Some("delivered") => DeliveryState::Delivered,
+            Some("failed") => DeliveryState::Failed,
+            Some("pending") => DeliveryState::Pending,
+            _ => return Err(ReceiptError::Malformed("unknown state".into())),
+        };
+        let provider_ref = body["ref"]
+            .as_str()
+            .ok_or_else(|| ReceiptError::Malformed("no ref".into()))?
+            .to_owned();
+        Ok(Receipt {
+            provider_ref,
+            state,
         })
     }
 }

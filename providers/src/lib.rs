@@ -32,13 +32,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-pub use capture::CapturingProvider;
+pub use capture::{CAPTURE_RECEIPT_TOKEN, CapturingProvider};
 pub use development::DevelopmentProvider;
 pub use secret::{Credential, Secret};
 
 /// How the user receives the code. One enum behind every transport: the XMPP form values and the
 /// JSON API values are these names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Challenge {
     /// A PIN in a text message.

@@ -8,6 +8,7 @@
 //! | DELETE | `/v1/verifications/{id}` | cancel |
 //! | POST | `/v1/verifications/{id}/resend` | fresh code: `{"challenge"?}` |
 //! | POST | `/v1/verifications/{id}/code` | verify: `{"code", "public_key"}` |
+//! | GET, POST | `/v1/receipts/{provider}` | delivery receipts (status callbacks) of a provider |
 //! | GET | `/v1/server-key` | the server's public key, ASCII armor |
 //! | GET | `/healthz`, `/readyz` | liveness, and readiness (database answers) |
 
@@ -17,7 +18,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -39,16 +40,28 @@ pub use problem::Problem;
 pub struct ApiState {
     registrar: Arc<Registrar>,
     clock: Arc<dyn Clock>,
+    public_url: Option<Arc<str>>,
 }
 
-/// The API's router, limiting request bodies to `max_body_bytes` (413 beyond).
-pub fn router(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, max_body_bytes: usize) -> Router {
-    let state = ApiState { registrar, clock };
+/// The API's router, limiting request bodies to `max_body_bytes` (413 beyond). `public_url` is
+/// the service's address as providers call it (receipt signatures cover the full URL).
+pub fn router(
+    registrar: Arc<Registrar>,
+    clock: Arc<dyn Clock>,
+    max_body_bytes: usize,
+    public_url: Option<String>,
+) -> Router {
+    let state = ApiState {
+        registrar,
+        clock,
+        public_url: public_url.map(|u| Arc::from(u.trim_end_matches('/'))),
+    };
     Router::new()
         .route("/v1/verifications", post(start))
         .route("/v1/verifications/{id}", get(status).delete(cancel))
         .route("/v1/verifications/{id}/resend", post(resend))
         .route("/v1/verifications/{id}/code", post(verify))
+        .route("/v1/receipts/{provider}", get(receipt).post(receipt))
         .route("/v1/server-key", get(server_key))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -140,6 +153,7 @@ fn verification_json(v: &Verification) -> serde_json::Value {
         "attempts_left": v.attempts_left,
         "status": v.state.as_str(),
         "can_fallback": v.can_fallback,
+        "delivery": v.delivery,
     })
 }
 
@@ -158,9 +172,35 @@ struct StartBody {
     accept_terms: bool,
     #[serde(default)]
     fallback: bool,
+    #[serde(default)]
+    locale: Option<String>,
 }
 
-async fn start(State(s): State<ApiState>, ApiJson(body): ApiJson<StartBody>) -> Response {
+/// The client's language: the body's `locale`, else the first tag of `Accept-Language`.
+fn locale(body: Option<String>, headers: &HeaderMap) -> Option<String> {
+    body.or_else(|| {
+        headers
+            .get(header::ACCEPT_LANGUAGE)?
+            .to_str()
+            .ok()?
+            .split(',')
+            .next()
+            .map(|tag| tag.split(';').next().unwrap_or(tag).trim().to_owned())
+            .filter(|tag| !tag.is_empty() && tag != "*")
+    })
+    .filter(|tag| {
+        tag.len() <= 35
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    })
+}
+
+async fn start(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<StartBody>,
+) -> Response {
     let result = async {
         let phone = s.registrar.parse_phone(&body.phone).await?;
         s.registrar
@@ -170,6 +210,7 @@ async fn start(State(s): State<ApiState>, ApiJson(body): ApiJson<StartBody>) -> 
                 challenge: body.challenge,
                 accepted_terms: body.accept_terms,
                 fallback: body.fallback,
+                locale: locale(body.locale, &headers),
             })
             .await
     }
@@ -200,6 +241,8 @@ async fn cancel(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
 struct ResendBody {
     #[serde(default)]
     challenge: Option<Challenge>,
+    #[serde(default)]
+    fallback: bool,
 }
 
 async fn resend(
@@ -209,7 +252,7 @@ async fn resend(
 ) -> Response {
     let result = async {
         s.registrar
-            .resend(&verification_id(&id)?, body.challenge)
+            .resend(&verification_id(&id)?, body.challenge, body.fallback)
             .await
     }
     .await;
@@ -248,6 +291,56 @@ async fn verify(
         }))
         .into_response(),
         Err(e) => s.problem(e).into_response(),
+    }
+}
+
+async fn receipt(
+    State(s): State<ApiState>,
+    Path(provider): Path<String>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let url = match (
+        &s.public_url,
+        headers.get(header::HOST).and_then(|h| h.to_str().ok()),
+    ) {
+        (Some(base), _) => format!("{base}{path}"),
+        (None, Some(host)) => format!("http://{host}{path}"),
+        (None, None) => path.to_owned(),
+    };
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let request = registrar_providers::ReceiptRequest {
+        method: method.as_str(),
+        url: &url,
+        headers: &headers,
+        body: &body,
+    };
+    use registrar_providers::ReceiptError as R;
+    match s.registrar.receipt(&provider, &request).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(R::Unauthenticated) => Problem::new(
+            StatusCode::UNAUTHORIZED,
+            "receipt-unauthenticated",
+            "Unauthenticated receipt",
+            "the receipt's signature or token does not match",
+        )
+        .into_response(),
+        Err(R::Malformed(why)) => {
+            Problem::bad_request(format!("malformed receipt: {why}")).into_response()
+        }
+        Err(R::Unsupported) => Problem::new(
+            StatusCode::NOT_FOUND,
+            "no-receipts",
+            "No receipts",
+            "no configured provider of that name takes delivery receipts",
+        )
+        .into_response(),
     }
 }
 

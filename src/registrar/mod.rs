@@ -10,17 +10,23 @@
 //! is settled by the store (a unique number, a conditional update), so that instances behind one
 //! database agree.
 
+pub mod dispatch;
 mod error;
+pub mod templates;
 mod types;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use registrar_providers::{DeliveredCode, ErrorKind, Outgoing, Provider, ProviderError};
+use registrar_providers::{
+    DeliveredCode, ErrorKind, Outgoing, Provider, ProviderError, ReceiptError, ReceiptRequest,
+};
 
+pub use dispatch::{DispatchSettings, Dispatcher, Route};
 pub use error::{Error, Refusal};
 pub use registrar_providers::Challenge;
+pub use templates::Templates;
 pub use types::{BadCode, BadVerificationId, CODE_LENGTHS, Code, VerificationId};
 
 use crate::clock::Clock;
@@ -58,6 +64,8 @@ pub struct Settings {
     pub service_name: String,
     /// Challenge used when the client names none.
     pub default_challenge: Challenge,
+    /// Message texts.
+    pub templates: Templates,
 }
 
 impl Default for Settings {
@@ -74,6 +82,7 @@ impl Default for Settings {
             terms_url: None,
             service_name: "Kontalk".into(),
             default_challenge: Challenge::Pin,
+            templates: Templates::default(),
         }
     }
 }
@@ -91,6 +100,8 @@ pub struct StartRequest {
     pub accepted_terms: bool,
     /// Use the next provider that can deliver the challenge instead of the first.
     pub fallback: bool,
+    /// The client's language, for the message text.
+    pub locale: Option<String>,
 }
 
 /// Where a verification stands.
@@ -142,6 +153,8 @@ pub struct Verification {
     pub state: State,
     /// Whether another provider can deliver this challenge (a start with `fallback`).
     pub can_fallback: bool,
+    /// What the provider's last delivery receipt said, if one came.
+    pub delivery: Option<String>,
 }
 
 /// A completed registration.
@@ -161,7 +174,7 @@ pub struct Registered {
 pub struct Registrar {
     settings: Settings,
     store: Arc<dyn Store>,
-    providers: Vec<Arc<dyn Provider>>,
+    dispatcher: Dispatcher,
     server_key: Arc<ServerKey>,
     secret: ServerSecret,
     clock: Arc<dyn Clock>,
@@ -180,11 +193,11 @@ fn secs(d: Duration) -> i64 {
 }
 
 impl Registrar {
-    /// A core over `store` delivering through `providers` (tried in order).
+    /// A core over `store` delivering through `dispatcher`.
     pub fn new(
         settings: Settings,
         store: Arc<dyn Store>,
-        providers: Vec<Arc<dyn Provider>>,
+        dispatcher: Dispatcher,
         server_key: Arc<ServerKey>,
         secret: ServerSecret,
         clock: Arc<dyn Clock>,
@@ -192,7 +205,7 @@ impl Registrar {
         Self {
             settings,
             store,
-            providers,
+            dispatcher,
             server_key,
             secret,
             clock,
@@ -216,10 +229,12 @@ impl Registrar {
 
     /// The challenges some configured provider can deliver, in protocol order.
     pub fn challenges(&self) -> Vec<Challenge> {
-        Challenge::ALL
-            .into_iter()
-            .filter(|c| self.providers.iter().any(|p| p.challenges().contains(c)))
-            .collect()
+        self.dispatcher.challenges()
+    }
+
+    /// The providers and routing.
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
     }
 
     /// Parses a number typed by a user under the configured policy. libphonenumber's validity
@@ -236,28 +251,34 @@ impl Registrar {
             .map_err(Error::from)
     }
 
-    fn capable(&self, challenge: Challenge) -> Vec<&Arc<dyn Provider>> {
-        self.providers
-            .iter()
-            .filter(|p| p.challenges().contains(&challenge))
-            .collect()
-    }
-
-    /// The provider for `challenge`: the first able one, or with `fallback` the next one.
-    fn provider_for(
+    /// The providers to try for `challenge` to `phone`: with `fallback`, skipping the first
+    /// (or `skip`, the provider of the previous message) when another one can deliver.
+    fn candidates(
         &self,
+        phone: &PhoneNumber,
         challenge: Challenge,
         fallback: bool,
-    ) -> Result<&Arc<dyn Provider>, Error> {
-        let capable = self.capable(challenge);
-        let pick = if fallback && capable.len() > 1 {
-            capable.get(1)
-        } else {
-            capable.first()
-        };
-        pick.copied().ok_or_else(|| {
-            Error::NoProvider(format!("no configured provider can deliver {challenge}"))
-        })
+        skip: Option<&str>,
+    ) -> Result<(Vec<Arc<dyn Provider>>, bool), Error> {
+        let mut all = self.dispatcher.candidates(phone, challenge);
+        if all.is_empty() {
+            return Err(Error::NoProvider(format!(
+                "no configured provider can deliver {challenge}"
+            )));
+        }
+        if fallback && all.len() > 1 {
+            match skip.and_then(|name| all.iter().position(|p| p.name() == name)) {
+                Some(i) => {
+                    all.remove(i);
+                }
+                None => {
+                    all.remove(0);
+                }
+            }
+            return Ok((all, false));
+        }
+        let can_fallback = all.len() > 1;
+        Ok((all, can_fallback))
     }
 
     fn limits(&self) -> TryLimits {
@@ -272,10 +293,6 @@ impl Registrar {
     fn locked(&self, v: &VerificationRecord) -> bool {
         v.attempts >= self.settings.max_attempts
             || v.total_attempts >= self.settings.max_attempts_total
-    }
-
-    fn provider_named(&self, name: &str) -> Option<&Arc<dyn Provider>> {
-        self.providers.iter().find(|p| p.name() == name)
     }
 
     fn log_id(&self, phone: &str) -> String {
@@ -300,8 +317,8 @@ impl Registrar {
             return Err(Error::Conflict);
         }
         let challenge = req.challenge.unwrap_or(self.settings.default_challenge);
-        let provider = self.provider_for(challenge, req.fallback)?.clone();
-        let can_fallback = !req.fallback && self.capable(challenge).len() > 1;
+        let (candidates, can_fallback) =
+            self.candidates(&req.phone, challenge, req.fallback, None)?;
         let now = self.clock.now();
         let replaces = match self.store.verification_by_phone(req.phone.as_str()).await? {
             Some(old) if old.expires_at > ts(now) && old.verified_at.is_none() => {
@@ -333,6 +350,8 @@ impl Registrar {
             verified_at: None,
             result_fingerprint: None,
             result_key: None,
+            locale: req.locale.clone(),
+            delivery_state: None,
         };
         match self
             .store
@@ -358,7 +377,7 @@ impl Registrar {
             force = req.force,
             "verification started"
         );
-        match self.deliver(&record, &code, &provider).await {
+        match self.deliver(&record, &code, &candidates).await {
             Ok(record) => Ok(Verification {
                 can_fallback,
                 ..self.view(&record)
@@ -387,28 +406,13 @@ impl Registrar {
         Ok(())
     }
 
-    fn message_text(&self, challenge: Challenge, code: &Code) -> String {
-        let service = &self.settings.service_name;
-        match challenge {
-            Challenge::Pin => format!("{} is your {service} verification code.", code.as_str()),
-            Challenge::Voice => {
-                let digits: Vec<String> = code.as_str().chars().map(String::from).collect();
-                format!(
-                    "Your {service} verification code is {}. Again: {}.",
-                    digits.join(", "),
-                    digits.join(", ")
-                )
-            }
-            Challenge::MissedCall => format!("{service} verification call"),
-        }
-    }
-
-    /// Sends `code` for `record` through `provider` and records what the provider reported.
+    /// Sends `code` for `record` through the first of `candidates` that takes it, and records
+    /// what the provider reported.
     async fn deliver(
         &self,
         record: &VerificationRecord,
         code: &Code,
-        provider: &Arc<dyn Provider>,
+        candidates: &[Arc<dyn Provider>],
     ) -> Result<VerificationRecord, Error> {
         let now = self.clock.now();
         let valid_for =
@@ -417,13 +421,19 @@ impl Registrar {
             to: record.phone.clone(),
             challenge: record.challenge,
             code: code.as_str().to_owned(),
-            text: self.message_text(record.challenge, code),
+            text: self.settings.templates.render(
+                record.challenge,
+                record.locale.as_deref(),
+                code.as_str(),
+                &self.settings.service_name,
+            ),
             reference: record.id.clone(),
             valid_for,
-            locale: None,
+            locale: record.locale.clone(),
         };
-        let delivery = provider
-            .send(&message)
+        let (provider, delivery) = self
+            .dispatcher
+            .deliver(candidates, &message)
             .await
             .map_err(|e| self.delivery_error(record, e))?;
         let (code_hash, code_length) = match &delivery.code {
@@ -533,6 +543,7 @@ impl Registrar {
             ),
             state,
             can_fallback: false,
+            delivery: v.delivery_state.clone(),
         }
     }
 
@@ -542,6 +553,7 @@ impl Registrar {
         &self,
         id: &VerificationId,
         challenge: Option<Challenge>,
+        fallback: bool,
     ) -> Result<Verification, Error> {
         let v = self.live(id).await?;
         if v.verified_at.is_some() {
@@ -550,7 +562,12 @@ impl Registrar {
         let now = self.clock.now();
         self.refuse_if_waiting(&v, now)?;
         let challenge = challenge.unwrap_or(v.challenge);
-        let provider = self.provider_for(challenge, false)?.clone();
+        let phone = PhoneNumber::from_stored(&v.phone).ok_or_else(|| {
+            tracing::error!(verification = %v.id, "stored number does not parse");
+            Error::Internal
+        })?;
+        let (candidates, can_fallback) =
+            self.candidates(&phone, challenge, fallback, v.provider.as_deref())?;
         let code = Code::generate(self.settings.code_length);
         let renewal = Renewal {
             challenge,
@@ -575,8 +592,12 @@ impl Registrar {
         renewed.expires_at = renewal.expires_at;
         renewed.next_resend_at = renewal.next_resend_at;
         renewed.sends += 1;
-        match self.deliver(&renewed, &code, &provider).await {
-            Ok(r) => Ok(self.view(&r)),
+        renewed.delivery_state = None;
+        match self.deliver(&renewed, &code, &candidates).await {
+            Ok(r) => Ok(Verification {
+                can_fallback,
+                ..self.view(&r)
+            }),
             Err(e) => {
                 // The new code did not go out: let the client ask again at once.
                 self.store.allow_resend(&v.id, ts(now)).await?;
@@ -753,7 +774,7 @@ impl Registrar {
             tracing::error!(verification = %v.id, "no code hash and no provider reference");
             return Err(Error::Internal);
         };
-        let Some(provider) = self.provider_named(name) else {
+        let Some(provider) = self.dispatcher.provider(name) else {
             tracing::error!(verification = %v.id, provider = %name, "provider is gone");
             return Err(Error::Internal);
         };
@@ -791,6 +812,39 @@ impl Registrar {
     /// The account `id`, if registered.
     pub async fn account(&self, id: &AccountId) -> Result<Option<AccountRecord>, Error> {
         Ok(self.store.account(id.as_str()).await?)
+    }
+
+    /// Authenticates a delivery receipt sent to provider `name`'s endpoint and records it on the
+    /// verification it is about.
+    pub async fn receipt(
+        &self,
+        name: &str,
+        request: &ReceiptRequest<'_>,
+    ) -> Result<(), ReceiptError> {
+        let Some(provider) = self.dispatcher.provider(name) else {
+            return Err(ReceiptError::Unsupported);
+        };
+        let receipt = provider.parse_receipt(request)?;
+        let found = self
+            .store
+            .record_receipt(
+                name,
+                &receipt.provider_ref,
+                receipt.state.as_str(),
+                ts(self.clock.now()),
+            )
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot record a receipt");
+                ReceiptError::Malformed("the receipt could not be stored".into())
+            })?;
+        tracing::info!(
+            provider = name,
+            state = receipt.state.as_str(),
+            found,
+            "delivery receipt"
+        );
+        Ok(())
     }
 
     /// Deletes verifications that expired; how many.

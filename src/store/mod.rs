@@ -52,6 +52,10 @@ pub struct VerificationRecord {
     pub result_fingerprint: Option<String>,
     /// The certified key returned on completion (public data).
     pub result_key: Option<Vec<u8>>,
+    /// The client's language.
+    pub locale: Option<String>,
+    /// What the last delivery receipt said (`delivered`, `failed`, `pending`).
+    pub delivery_state: Option<String>,
 }
 
 /// An account as stored.
@@ -215,6 +219,16 @@ pub trait Store: Send + Sync {
         account: &str,
         c: &Completion,
     ) -> Result<CompleteOutcome, StoreError>;
+
+    /// Records a delivery receipt for the verification whose last delivery went through
+    /// `provider` with reference `provider_ref`; whether one was found.
+    async fn record_receipt(
+        &self,
+        provider: &str,
+        provider_ref: &str,
+        state: &str,
+        now: i64,
+    ) -> Result<bool, StoreError>;
 
     /// Deletes verifications that expired before `now`; how many.
     async fn purge_expired(&self, now: i64) -> Result<u64, StoreError>;

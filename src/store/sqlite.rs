@@ -40,7 +40,8 @@ macro_rules! select_verification {
             "SELECT id, phone, account, challenge, force, code_hash, code_length, provider, ",
             "provider_ref, sender, attempts, total_attempts, sends, created_at, expires_at, ",
             "next_resend_at, ",
-            "verified_at, result_fingerprint, result_key FROM verifications ",
+            "verified_at, result_fingerprint, result_key, locale, delivery_state ",
+            "FROM verifications ",
             $clause
         )
     };
@@ -71,6 +72,8 @@ fn verification_from_row(row: &SqliteRow) -> Result<VerificationRecord, StoreErr
         verified_at: row.try_get("verified_at").map_err(get)?,
         result_fingerprint: row.try_get("result_fingerprint").map_err(get)?,
         result_key: row.try_get("result_key").map_err(get)?,
+        locale: row.try_get("locale").map_err(get)?,
+        delivery_state: row.try_get("delivery_state").map_err(get)?,
     })
 }
 
@@ -176,8 +179,8 @@ impl Store for SqliteStore {
         sqlx::query(
             "INSERT INTO verifications (id, phone, account, challenge, force, code_hash, \
              code_length, provider, provider_ref, sender, attempts, total_attempts, sends, \
-             created_at, expires_at, next_resend_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+             created_at, expires_at, next_resend_at, locale) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(&v.id)
         .bind(&v.phone)
@@ -195,6 +198,7 @@ impl Store for SqliteStore {
         .bind(v.created_at)
         .bind(v.expires_at)
         .bind(v.next_resend_at)
+        .bind(&v.locale)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -311,7 +315,8 @@ impl Store for SqliteStore {
     async fn renew_code(&self, id: &str, sends: u32, r: &Renewal) -> Result<bool, StoreError> {
         let done = sqlx::query(
             "UPDATE verifications SET challenge = $3, code_hash = $4, code_length = $5, \
-             expires_at = $6, next_resend_at = $7, sends = sends + 1, provider_ref = NULL \
+             expires_at = $6, next_resend_at = $7, sends = sends + 1, provider_ref = NULL, \
+             delivery_state = NULL, delivery_updated_at = NULL \
              WHERE id = $1 AND sends = $2 AND verified_at IS NULL",
         )
         .bind(id)
@@ -382,6 +387,27 @@ impl Store for SqliteStore {
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(CompleteOutcome::Done)
+    }
+
+    async fn record_receipt(
+        &self,
+        provider: &str,
+        provider_ref: &str,
+        state: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE verifications SET delivery_state = $3, delivery_updated_at = $4 \
+             WHERE provider = $1 AND provider_ref = $2",
+        )
+        .bind(provider)
+        .bind(provider_ref)
+        .bind(state)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn purge_expired(&self, now: i64) -> Result<u64, StoreError> {

@@ -441,6 +441,7 @@ mod tests {
             attempts_left: 5,
             state: crate::registrar::State::Pending,
             can_fallback: false,
+            delivery: None,
         };
         let s = xml(started_form(&v));
         assert!(s.starts_with("<query xmlns='jabber:iq:register'><instructions>A SMS with a verification code will be sent.</instructions><x xmlns='jabber:x:data' type='form'>"), "{s}");

@@ -144,6 +144,7 @@ impl Handler {
                             challenge,
                             accepted_terms: accept_terms,
                             fallback,
+                            locale: None,
                         })
                         .await
                 }

@@ -724,3 +724,167 @@ async fn a_restart_keeps_the_server_key_the_secret_and_the_accounts() {
     let r = s.submit(&id, &code, &public(&user_key(&account))).await;
     assert_eq!(r.status, 200, "{:?}", r.body);
 }
+
+async fn two_providers() -> (TestServer, CapturingProvider, CapturingProvider) {
+    let first = CapturingProvider::new("first", "111");
+    let second = CapturingProvider::new("second", "222");
+    let s = TestServer::start_in(
+        tempfile::tempdir().unwrap(),
+        kontalk_registrar::clock::ManualClock::new(chrono::Utc::now()),
+        vec![Arc::new(first.clone()), Arc::new(second.clone())],
+        first.clone(),
+        |_| {},
+    )
+    .await;
+    (s, first, second)
+}
+
+#[tokio::test]
+async fn a_transient_failure_of_the_first_provider_is_delivered_by_the_next() {
+    let (s, first, second) = two_providers().await;
+    first.fail_next(ProviderError::new(
+        "first",
+        ErrorKind::Transient,
+        "gateway down",
+    ));
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["sender"], "222", "the second provider delivered");
+    assert_eq!((first.sent().len(), second.sent().len()), (0, 1));
+    let key = public(&user_key(&jid()));
+    let code = second.last_code(EMULATOR).unwrap();
+    let id = r.body["id"].as_str().unwrap();
+    assert_eq!(s.submit(id, &code, &key).await.status, 200);
+
+    // A permanent failure is not retried elsewhere.
+    first.fail_next(ProviderError::new(
+        "first",
+        ErrorKind::Blocked,
+        "premium range",
+    ));
+    let r = s.start_verification("+15555215556", false).await;
+    assert_eq!((r.status, r.problem_type()), (403, "destination-blocked"));
+    assert_eq!(second.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn fallback_uses_the_next_provider() {
+    let (s, first, second) = two_providers().await;
+    let r = s.start_verification(EMULATOR, false).await;
+    assert_eq!(r.body["can_fallback"], true);
+    assert_eq!(r.body["sender"], "111");
+    // The client did not get the code: it asks again through the other provider.
+    s.clock.advance(Duration::from_secs(61));
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let r = s
+        .post(
+            &format!("/v1/verifications/{id}/resend"),
+            json!({"fallback": true}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["sender"], "222");
+    assert_eq!((first.sent().len(), second.sent().len()), (1, 1));
+    // A start with fallback goes to the second provider directly.
+    let r = s
+        .post(
+            "/v1/verifications",
+            json!({"phone": "+15555215556", "fallback": true}),
+        )
+        .await;
+    assert_eq!(r.body["sender"], "222");
+    assert_eq!(r.body["can_fallback"], false);
+}
+
+#[tokio::test]
+async fn messages_use_the_clients_language() {
+    let s = TestServer::start_with(|c| {
+        let mut t = std::collections::BTreeMap::new();
+        t.insert(
+            Challenge::Pin,
+            std::collections::BTreeMap::from([(
+                "it".to_owned(),
+                "{code} è il tuo codice {service}.".to_owned(),
+            )]),
+        );
+        c.settings.templates = kontalk_registrar::registrar::Templates::new(&t).unwrap();
+    })
+    .await;
+    let r = Reply::from(
+        s.http
+            .post(s.url("/v1/verifications"))
+            .header("accept-language", "it-IT,it;q=0.9,en;q=0.5")
+            .json(&json!({"phone": EMULATOR}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let sent = s.provider.sent();
+    assert_eq!(
+        sent[0].text,
+        format!("{} è il tuo codice Kontalk.", sent[0].code)
+    );
+    assert_eq!(sent[0].locale.as_deref(), Some("it-IT"));
+    let r = s
+        .post(
+            "/v1/verifications",
+            json!({"phone": "+15555215556", "locale": "de"}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    assert!(
+        s.provider.sent()[1]
+            .text
+            .ends_with("is your Kontalk verification code.")
+    );
+}
+
+#[tokio::test]
+async fn delivery_receipts_are_authenticated_and_recorded() {
+    let s = TestServer::start().await;
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    assert_eq!(
+        s.get(&format!("/v1/verifications/{id}")).await.body["delivery"],
+        json!(null)
+    );
+    let receipt = |token: &str, body: serde_json::Value| {
+        s.http
+            .post(s.url("/v1/receipts/capture"))
+            .header("authorization", format!("Bearer {token}"))
+            .json(&body)
+    };
+    let r = receipt("wrong", json!({"ref": "capture-1", "state": "delivered"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        s.get(&format!("/v1/verifications/{id}")).await.body["delivery"],
+        json!(null)
+    );
+    let token = registrar_providers::CAPTURE_RECEIPT_TOKEN;
+    let r = receipt(token, json!({"ref": "capture-1", "state": "nonsense"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = receipt(token, json!({"ref": "capture-1", "state": "delivered"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        s.get(&format!("/v1/verifications/{id}")).await.body["delivery"],
+        "delivered"
+    );
+    let r = s
+        .http
+        .post(s.url("/v1/receipts/nobody"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
