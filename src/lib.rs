@@ -285,6 +285,67 @@ impl App {
     }
 }
 
+/// Sends one real test message through the configured provider `name` to `phone` and describes
+/// what the provider answered (`kontalk-registrar provider test`).
+pub async fn provider_test(
+    config: &Config,
+    name: &str,
+    phone: &str,
+    challenge: registrar::Challenge,
+) -> anyhow::Result<String> {
+    create_data_dir(&config.data_dir)?;
+    let providers = build_providers(config);
+    let Some(provider) = providers.iter().find(|p| p.name() == name) else {
+        let names: Vec<&str> = providers.iter().map(|p| p.name()).collect();
+        anyhow::bail!(
+            "no provider is named {name:?} (configured: {})",
+            names.join(", ")
+        );
+    };
+    let number = config.settings.phone_policy.parse(phone)?;
+    let code = registrar::Code::generate(config.settings.code_length);
+    let message = registrar_providers::Outgoing {
+        to: number.as_str().to_owned(),
+        challenge,
+        code: code.as_str().to_owned(),
+        text: config.settings.templates.render(
+            challenge,
+            None,
+            code.as_str(),
+            &config.settings.service_name,
+        ),
+        reference: format!("provider-test-{}", registrar::VerificationId::generate()),
+        valid_for: config.settings.lifetime,
+        locale: None,
+    };
+    match tokio::time::timeout(config.dispatch.timeout, provider.send(&message)).await {
+        Err(_) => anyhow::bail!(
+            "{name}: no answer within {:?} (delivery.timeout_seconds)",
+            config.dispatch.timeout
+        ),
+        Ok(Err(e)) => anyhow::bail!("{name} refused the message ({:?}): {}", e.kind, e.message),
+        Ok(Ok(d)) => {
+            let code_note = match &d.code {
+                registrar_providers::DeliveredCode::Ours => {
+                    format!("the code sent is {}", code.as_str())
+                }
+                registrar_providers::DeliveredCode::Chosen(c) => {
+                    format!("the provider chose the code {c}")
+                }
+                registrar_providers::DeliveredCode::ProviderChecks => {
+                    "the provider generated the code and checks it".to_owned()
+                }
+            };
+            Ok(format!(
+                "{name} accepted the {challenge} for {}: sender {:?}, provider reference {}; {code_note}",
+                number.as_str(),
+                d.sender,
+                d.provider_ref.as_deref().unwrap_or("(none)"),
+            ))
+        }
+    }
+}
+
 /// Runs the service on `config` until `shutdown` completes.
 pub async fn run(
     config: Config,

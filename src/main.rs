@@ -67,6 +67,25 @@ enum Command {
     /// A client of the HTTP API.
     #[command(subcommand)]
     Client(ClientCommand),
+    /// Operator tools for providers.
+    #[command(subcommand)]
+    Provider(ProviderCommand),
+}
+
+#[derive(Subcommand)]
+enum ProviderCommand {
+    /// Sends a real test message through one configured provider and prints what it answered.
+    Test {
+        /// The provider's configured name.
+        name: String,
+        /// Destination number, international.
+        phone: String,
+        /// Challenge: pin, voice or missedcall.
+        #[arg(long, default_value = "pin")]
+        challenge: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -172,6 +191,22 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             std::fs::create_dir_all(&config.data_dir)?;
             let key = load_server_key(&config)?;
             print!("{}", key.public_armored());
+            Ok(())
+        }
+        Command::Provider(ProviderCommand::Test {
+            name,
+            phone,
+            challenge,
+            config,
+        }) => {
+            let config = load(&config, None)?;
+            init_logging(&config.log_filter);
+            let challenge = challenge
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--challenge: {e}"))?;
+            let answer =
+                kontalk_registrar::provider_test(&config, &name, &phone, challenge).await?;
+            println!("{answer}");
             Ok(())
         }
         Command::Client(ClientCommand::Register {

@@ -287,3 +287,46 @@ fn serve_logs_no_codes_or_numbers() {
     assert!(!log.contains(secret.trim()));
     drop(served);
 }
+
+#[test]
+fn provider_test_sends_one_message_through_the_named_provider() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["provider", "test", "development", "+1 555 521 5554"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("development accepted the pin for +15555215554"),
+        "{stdout}"
+    );
+    let code = outbox_code(&dir.path().join("data/outbox.jsonl"), EMULATOR).unwrap();
+    assert!(
+        stdout.contains(&format!("the code sent is {code}")),
+        "{stdout}"
+    );
+
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["provider", "test", "nobody", EMULATOR])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no provider is named \"nobody\" (configured: development)"),
+        "{stderr}"
+    );
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["provider", "test", "development", "garbage"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
