@@ -78,6 +78,17 @@ impl TestServer {
         .await
     }
 
+    /// A server on `port` (known in advance, for URLs that name it) with `providers`.
+    pub async fn start_on(
+        port: u16,
+        providers: Vec<Arc<dyn Provider>>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let clock = ManualClock::new(chrono::Utc::now());
+        let unused = CapturingProvider::new("unused", "0");
+        Self::start_at(tempfile::tempdir().unwrap(), clock, providers, unused, tweak, port).await
+    }
+
     /// A server in `dir` (kept across restarts) with `providers`.
     pub async fn start_in(
         dir: TempDir,
@@ -86,9 +97,20 @@ impl TestServer {
         provider: CapturingProvider,
         tweak: impl FnOnce(&mut Config),
     ) -> Self {
+        Self::start_at(dir, clock, providers, provider, tweak, 0).await
+    }
+
+    async fn start_at(
+        dir: TempDir,
+        clock: ManualClock,
+        providers: Vec<Arc<dyn Provider>>,
+        provider: CapturingProvider,
+        tweak: impl FnOnce(&mut Config),
+        port: u16,
+    ) -> Self {
         let mut config = Config::development(dir.path()).unwrap();
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let services = Services {

@@ -5,5 +5,6 @@ mod cli;
 mod gpg;
 mod harness;
 mod http_api;
+mod providers;
 mod xmpp_e2e;
 mod xmpp_handler;
