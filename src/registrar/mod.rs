@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use registrar_providers::{
-    DeliveredCode, ErrorKind, Outgoing, Provider, ProviderError, ReceiptError, ReceiptRequest,
+    DeliveredCode, DeliveryState, ErrorKind, Outgoing, Provider, ProviderError, ReceiptError,
+    ReceiptRequest,
 };
 
 pub use dispatch::{DispatchSettings, Dispatcher, Route};
@@ -560,14 +561,27 @@ impl Registrar {
             return Err(Error::AlreadyVerified);
         }
         let now = self.clock.now();
-        self.refuse_if_waiting(&v, now)?;
+        // The provider reported the last message undeliverable: the user will not get it, so
+        // waiting for the resend time helps nobody, and the next message goes elsewhere.
+        let undelivered = v.delivery_state.as_deref() == Some(DeliveryState::Failed.as_str());
+        if undelivered && self.locked(&v) {
+            return Err(Error::Locked {
+                retry_at: at(v.expires_at),
+            });
+        } else if !undelivered {
+            self.refuse_if_waiting(&v, now)?;
+        }
         let challenge = challenge.unwrap_or(v.challenge);
         let phone = PhoneNumber::from_stored(&v.phone).ok_or_else(|| {
             tracing::error!(verification = %v.id, "stored number does not parse");
             Error::Internal
         })?;
-        let (candidates, can_fallback) =
-            self.candidates(&phone, challenge, fallback, v.provider.as_deref())?;
+        let (candidates, can_fallback) = self.candidates(
+            &phone,
+            challenge,
+            fallback || undelivered,
+            v.provider.as_deref(),
+        )?;
         let code = Code::generate(self.settings.code_length);
         let renewal = Renewal {
             challenge,

@@ -888,3 +888,49 @@ async fn delivery_receipts_are_authenticated_and_recorded() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test]
+async fn a_failed_receipt_allows_an_immediate_resend_through_another_provider() {
+    let (s, first, second) = two_providers().await;
+    let r = s.start_verification(EMULATOR, false).await;
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    let resend = format!("/v1/verifications/{id}/resend");
+    assert_eq!(
+        s.post(&resend, json!({})).await.status,
+        429,
+        "inside the wait"
+    );
+    let r = s
+        .http
+        .post(s.url("/v1/receipts/first"))
+        .header(
+            "authorization",
+            format!("Bearer {}", registrar_providers::CAPTURE_RECEIPT_TOKEN),
+        )
+        .json(&json!({"ref": "first-1", "state": "failed"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(
+        s.get(&format!("/v1/verifications/{id}")).await.body["delivery"],
+        "failed"
+    );
+    let r = s.post(&resend, json!({})).await;
+    assert_eq!(
+        r.status, 200,
+        "the failed message does not hold the client back: {:?}",
+        r.body
+    );
+    assert_eq!(
+        r.body["sender"], "222",
+        "and the next message goes through the other provider"
+    );
+    assert_eq!(r.body["delivery"], json!(null));
+    assert_eq!((first.sent().len(), second.sent().len()), (1, 1));
+    assert_eq!(
+        s.post(&resend, json!({})).await.status,
+        429,
+        "the wait applies again"
+    );
+}
