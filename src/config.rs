@@ -352,35 +352,69 @@ fn all_challenges() -> Vec<Challenge> {
     Challenge::ALL.to_vec()
 }
 
-/// One `[[providers]]` entry; `kind` selects the gateway.
+/// One `[[providers]]` entry; `kind` selects the gateway. Credentials are given inline or as
+/// `{ env = "VARIABLE" }`, and never printed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum ProviderConfig {
+    /// Twilio: Messages (SMS), Calls (voice PIN) or Verify v2.
+    Twilio(registrar_providers::twilio::TwilioConfig),
+    /// Vonage (Nexmo): SMS API or Verify.
+    Vonage(registrar_providers::vonage::VonageConfig),
+    /// CheckMobi: missed call (reverse CLI), SMS.
+    #[serde(rename = "checkmobi")]
+    CheckMobi(registrar_providers::checkmobi::CheckMobiConfig),
+    /// Any HTTP SMS gateway, by template.
+    Generic(registrar_providers::generic::GenericConfig),
+    /// The Android emulator console.
+    AndroidEmulator(registrar_providers::emulator::EmulatorConfig),
     /// Appends to `<data_dir>/outbox.jsonl` and prints; refused in production.
-    Development {
-        /// Name in logs and routing.
-        #[serde(default = "default_dev_name")]
-        name: String,
-        /// SMS sender id shown to the client.
-        #[serde(default = "default_dev_sender")]
-        sender: String,
-        /// Missed calls come from this prefix followed by the code.
-        #[serde(default = "default_caller_prefix")]
-        caller_prefix: String,
-        /// Outbox file; default `<data_dir>/outbox.jsonl`.
-        #[serde(default)]
-        outbox: Option<PathBuf>,
-        /// Challenges it delivers.
-        #[serde(default = "all_challenges")]
-        challenges: Vec<Challenge>,
-    },
+    Development(DevelopmentConfig),
+}
+
+/// `kind = "development"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevelopmentConfig {
+    /// Name in logs and routing.
+    #[serde(default = "default_dev_name")]
+    pub name: String,
+    /// SMS sender id shown to the client.
+    #[serde(default = "default_dev_sender")]
+    pub sender: String,
+    /// Missed calls come from this prefix followed by the code.
+    #[serde(default = "default_caller_prefix")]
+    pub caller_prefix: String,
+    /// Outbox file; default `<data_dir>/outbox.jsonl`.
+    #[serde(default)]
+    pub outbox: Option<PathBuf>,
+    /// Challenges it delivers.
+    #[serde(default = "all_challenges")]
+    pub challenges: Vec<Challenge>,
+}
+
+impl Default for DevelopmentConfig {
+    fn default() -> Self {
+        Self {
+            name: default_dev_name(),
+            sender: default_dev_sender(),
+            caller_prefix: default_caller_prefix(),
+            outbox: None,
+            challenges: all_challenges(),
+        }
+    }
 }
 
 impl ProviderConfig {
     /// The provider's configured name.
     pub fn name(&self) -> &str {
         match self {
-            ProviderConfig::Development { name, .. } => name,
+            ProviderConfig::Development(c) => &c.name,
+            ProviderConfig::Twilio(c) => &c.name,
+            ProviderConfig::Vonage(c) => &c.name,
+            ProviderConfig::CheckMobi(c) => &c.name,
+            ProviderConfig::Generic(c) => &c.name,
+            ProviderConfig::AndroidEmulator(c) => &c.name,
         }
     }
 }
@@ -631,32 +665,33 @@ impl FileConfig {
                     "production mode needs at least one provider",
                 ));
             }
-            providers.push(ProviderConfig::Development {
-                name: default_dev_name(),
-                sender: default_dev_sender(),
-                caller_prefix: default_caller_prefix(),
-                outbox: None,
-                challenges: all_challenges(),
-            });
+            providers.push(ProviderConfig::Development(DevelopmentConfig::default()));
         }
         let mut names = std::collections::HashSet::new();
         for (i, p) in providers.iter().enumerate() {
-            let ProviderConfig::Development {
-                name,
-                sender,
-                challenges,
-                ..
-            } = p;
+            let name = p.name();
+            if name.is_empty() || !names.insert(name.to_owned()) {
+                return Err(bad(
+                    &format!("providers[{i}].name"),
+                    "must be non-empty and unique",
+                ));
+            }
+            if production && matches!(p, ProviderConfig::AndroidEmulator(_)) {
+                return Err(bad(
+                    &format!("providers[{i}].kind"),
+                    "the Android emulator provider is for development; refused in production mode",
+                ));
+            }
+            let ProviderConfig::Development(DevelopmentConfig {
+                sender, challenges, ..
+            }) = p
+            else {
+                continue;
+            };
             if production {
                 return Err(bad(
                     &format!("providers[{i}].kind"),
                     "the development provider is refused in production mode",
-                ));
-            }
-            if name.is_empty() || !names.insert(name.clone()) {
-                return Err(bad(
-                    &format!("providers[{i}].name"),
-                    "must be non-empty and unique",
                 ));
             }
             if sender.is_empty() {
@@ -856,7 +891,7 @@ mod tests {
             assert_eq!(c.settings.max_attempts, 5);
             assert!(matches!(
                 c.providers.as_slice(),
-                [ProviderConfig::Development { .. }]
+                [ProviderConfig::Development(_)]
             ));
             Ok(())
         });
@@ -1064,6 +1099,109 @@ mod tests {
             jail.set_env("REGISTRAR_XMPP__COMPONENT__SECRET", "from-env");
             let c = load_in(jail, "[xmpp.component]\njid = \"r.l\"\n").unwrap();
             assert_eq!(c.xmpp_component.unwrap().secret.expose(), "from-env");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn real_providers_parse_route_and_build_in_production() {
+        Jail::expect_with(|jail| {
+            jail.set_env("REGISTRAR_SERVER__SECRET", "ab".repeat(32));
+            jail.set_env("TEST_TWILIO_TOKEN", "tok-secret-value");
+            let toml = r#"
+mode = "production"
+[server]
+key_file = "k.asc"
+[[providers]]
+kind = "twilio"
+name = "tw"
+account_sid = "AC0123456789abcdef0123456789abcdef"
+auth_token = { env = "TEST_TWILIO_TOKEN" }
+mode = "messaging"
+from = "+15005550006"
+[[routes]]
+prefix = "+39"
+providers = ["tw"]
+"#;
+            let c = load_in(jail, toml).unwrap();
+            assert!(matches!(
+                c.providers.as_slice(),
+                [ProviderConfig::Twilio(_)]
+            ));
+            assert_eq!(c.routes[0].prefix, "39");
+            assert!(!format!("{c:?}").contains("tok-secret-value"));
+            let built = crate::build_providers(&c).unwrap();
+            assert_eq!(built[0].name(), "tw");
+
+            let e = load_in(
+                jail,
+                &toml.replace(
+                    "mode = \"messaging\"",
+                    "mode = \"messaging\"\nfrom_number = \"1\"",
+                ),
+            )
+            .unwrap_err();
+            assert!(e.0.contains("from_number"), "{e}");
+            let e = load_in(
+                jail,
+                &toml.replace("providers = [\"tw\"]", "providers = [\"nope\"]"),
+            )
+            .unwrap_err();
+            assert!(
+                e.0.contains("routes[0].providers") && e.0.contains("nope"),
+                "{e}"
+            );
+            let e = load_in(
+                jail,
+                &toml.replace("prefix = \"+39\"", "prefix = \"italy\""),
+            )
+            .unwrap_err();
+            assert!(e.0.contains("routes[0].prefix"), "{e}");
+            let all_kinds = format!(
+                "{toml}\n{}",
+                r#"
+[[providers]]
+kind = "vonage"
+name = "vg"
+api_key = "abcd1234"
+api_secret = "vonage-secret-value"
+mode = "sms"
+from = "Kontalk"
+[[providers]]
+kind = "checkmobi"
+secret_key = "checkmobi-secret-value"
+[[providers]]
+kind = "generic"
+name = "gw"
+url = "https://sms.example.net/send?to={to}&text={text}"
+method = "get"
+sender = "12345"
+"#
+            );
+            let c = load_in(jail, &all_kinds).unwrap();
+            let names: Vec<_> = crate::build_providers(&c)
+                .unwrap()
+                .iter()
+                .map(|p| p.name().to_owned())
+                .collect();
+            assert_eq!(names, ["tw", "vg", "checkmobi", "gw"]);
+            let debug = format!("{c:?}");
+            assert!(
+                !debug.contains("vonage-secret-value") && !debug.contains("checkmobi-secret-value")
+            );
+            let e = load_in(
+                jail,
+                &format!("{toml}\n[[providers]]\nkind = \"android_emulator\"\n"),
+            )
+            .unwrap_err();
+            assert!(e.0.contains("providers[1].kind"), "{e}");
+            jail.set_env("TEST_TWILIO_TOKEN", "");
+            let c = load_in(jail, toml).unwrap();
+            let e = crate::build_providers(&c).err().unwrap().to_string();
+            assert!(
+                e.contains("providers[0] (tw)") && e.contains("TEST_TWILIO_TOKEN"),
+                "{e}"
+            );
             Ok(())
         });
     }

@@ -118,28 +118,42 @@ fn load_secret(config: &Config) -> anyhow::Result<ServerSecret> {
     })
 }
 
-fn build_providers(config: &Config) -> Vec<Arc<dyn Provider>> {
+/// The configured providers, in order. Fails when one cannot be built (a credential's
+/// environment variable is missing, a template does not parse), naming it.
+pub fn build_providers(config: &Config) -> anyhow::Result<Vec<Arc<dyn Provider>>> {
+    use registrar_providers::{checkmobi, emulator, generic, twilio, vonage};
     config
         .providers
         .iter()
-        .map(|p| -> Arc<dyn Provider> {
-            match p {
-                ProviderConfig::Development {
-                    name,
-                    sender,
-                    caller_prefix,
-                    outbox,
-                    challenges,
-                } => Arc::new(DevelopmentProvider::new(
-                    name,
-                    outbox
+        .enumerate()
+        .map(|(i, p)| -> anyhow::Result<Arc<dyn Provider>> {
+            let built: Result<Arc<dyn Provider>, String> = match p {
+                ProviderConfig::Development(c) => Ok(Arc::new(DevelopmentProvider::new(
+                    &c.name,
+                    c.outbox
                         .clone()
                         .unwrap_or_else(|| config.data_dir.join("outbox.jsonl")),
-                    sender,
-                    caller_prefix,
-                    challenges.clone(),
-                )),
-            }
+                    &c.sender,
+                    &c.caller_prefix,
+                    c.challenges.clone(),
+                ))),
+                ProviderConfig::Twilio(c) => {
+                    twilio::TwilioProvider::new(c.clone()).map(|p| Arc::new(p) as _)
+                }
+                ProviderConfig::Vonage(c) => {
+                    vonage::VonageProvider::new(c.clone()).map(|p| Arc::new(p) as _)
+                }
+                ProviderConfig::CheckMobi(c) => {
+                    checkmobi::CheckMobiProvider::new(c.clone()).map(|p| Arc::new(p) as _)
+                }
+                ProviderConfig::Generic(c) => {
+                    generic::GenericProvider::new(c.clone()).map(|p| Arc::new(p) as _)
+                }
+                ProviderConfig::AndroidEmulator(c) => {
+                    emulator::EmulatorProvider::new(c.clone()).map(|p| Arc::new(p) as _)
+                }
+            };
+            built.map_err(|e| anyhow::anyhow!("providers[{i}] ({}): {e}", p.name()))
         })
         .collect()
 }
@@ -175,9 +189,10 @@ impl App {
         let server_key = Arc::new(load_server_key(&config)?);
         let secret = load_secret(&config)?;
         let store = Arc::new(open_store(&config).await?);
-        let providers = services
-            .providers
-            .unwrap_or_else(|| build_providers(&config));
+        let providers = match services.providers {
+            Some(p) => p,
+            None => build_providers(&config)?,
+        };
         let clock = services.clock.unwrap_or_else(|| Arc::new(SystemClock));
         for (key, encoding) in config
             .settings
@@ -294,7 +309,7 @@ pub async fn provider_test(
     challenge: registrar::Challenge,
 ) -> anyhow::Result<String> {
     create_data_dir(&config.data_dir)?;
-    let providers = build_providers(config);
+    let providers = build_providers(config)?;
     let Some(provider) = providers.iter().find(|p| p.name() == name) else {
         let names: Vec<&str> = providers.iter().map(|p| p.name()).collect();
         anyhow::bail!(

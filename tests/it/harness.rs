@@ -86,7 +86,15 @@ impl TestServer {
     ) -> Self {
         let clock = ManualClock::new(chrono::Utc::now());
         let unused = CapturingProvider::new("unused", "0");
-        Self::start_at(tempfile::tempdir().unwrap(), clock, providers, unused, tweak, port).await
+        Self::start_at(
+            tempfile::tempdir().unwrap(),
+            clock,
+            providers,
+            unused,
+            tweak,
+            port,
+        )
+        .await
     }
 
     /// A server in `dir` (kept across restarts) with `providers`.
@@ -110,7 +118,9 @@ impl TestServer {
     ) -> Self {
         let mut config = Config::development(dir.path()).unwrap();
         tweak(&mut config);
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let services = Services {

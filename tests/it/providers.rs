@@ -40,11 +40,9 @@ async fn a_twilio_delivery_and_its_signed_receipt() {
     }))
     .unwrap();
     let provider: Arc<dyn Provider> = Arc::new(TwilioProvider::new(config).unwrap());
-    let s = TestServer::start_on(
-        port,
-        vec![provider],
-        |c| c.public_url = Some(public.clone()),
-    )
+    let s = TestServer::start_on(port, vec![provider], |c| {
+        c.public_url = Some(public.clone())
+    })
     .await;
     let r = s.start_verification(EMULATOR, false).await;
     assert_eq!(r.status, 201, "{:?}", r.body);
@@ -52,7 +50,10 @@ async fn a_twilio_delivery_and_its_signed_receipt() {
     let id = r.body["id"].as_str().unwrap().to_owned();
 
     let params = vec![
-        ("MessageSid".to_owned(), "SM0123456789abcdef0123456789abcdef".to_owned()),
+        (
+            "MessageSid".to_owned(),
+            "SM0123456789abcdef0123456789abcdef".to_owned(),
+        ),
         ("MessageStatus".to_owned(), "delivered".to_owned()),
         ("AccountSid".to_owned(), SID.to_owned()),
     ];
@@ -69,10 +70,22 @@ async fn a_twilio_delivery_and_its_signed_receipt() {
             .header("x-twilio-signature", signature)
             .body(body.clone())
     };
-    let forged = post(request_signature("not-the-token", &callback, &params)).send().await.unwrap();
+    let forged = post(request_signature("not-the-token", &callback, &params))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(forged.status(), 401);
-    assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.body["delivery"], json!(null));
-    let genuine = post(request_signature(TOKEN, &callback, &params)).send().await.unwrap();
+    assert_eq!(
+        s.get(&format!("/v1/verifications/{id}")).await.body["delivery"],
+        json!(null)
+    );
+    let genuine = post(request_signature(TOKEN, &callback, &params))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(genuine.status(), 204);
-    assert_eq!(s.get(&format!("/v1/verifications/{id}")).await.body["delivery"], "delivered");
+    assert_eq!(
+        s.get(&format!("/v1/verifications/{id}")).await.body["delivery"],
+        "delivered"
+    );
 }
