@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::http;
+use crate::http::scrub_numbers;
+use crate::secret::constant_time_eq;
 use crate::{
     Challenge, Credential, DeliveredCode, Delivery, DeliveryState, ErrorKind, Outgoing, Provider,
     ProviderError, Receipt, ReceiptError, ReceiptRequest, Secret,
@@ -498,38 +500,6 @@ fn callback_state(fields: &Map<String, Value>) -> DeliveryState {
         | "invalid" => DeliveryState::Failed,
         _ => DeliveryState::Pending,
     }
-}
-
-/// `text` with every run of 7 or more digits (a phone number, perhaps) replaced by `<number>`.
-fn scrub_numbers(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut run = String::new();
-    let flush = |run: &mut String, out: &mut String| {
-        if run.trim_start_matches('+').len() >= 7 {
-            out.push_str("<number>");
-        } else {
-            out.push_str(run);
-        }
-        run.clear();
-    };
-    for c in text.chars() {
-        if c.is_ascii_digit() || (c == '+' && run.is_empty()) {
-            run.push(c);
-        } else {
-            flush(&mut run, &mut out);
-            out.push(c);
-        }
-    }
-    flush(&mut run, &mut out);
-    out
-}
-
-/// Compares two byte strings in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

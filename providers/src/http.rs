@@ -68,6 +68,36 @@ pub fn status_error(provider: &str, status: StatusCode, body: &str) -> ProviderE
     )
 }
 
+/// `text` with every run of seven or more digits (a phone number, perhaps) replaced by
+/// `<number>`, so that providers' error texts, which often quote the destination, stay safe to
+/// log.
+pub fn scrub_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.chars().filter(char::is_ascii_digit).count() >= 7 {
+            out.push_str("<number>");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() || (c == '+' && run.is_empty()) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            if c == '+' {
+                run.push(c);
+            } else {
+                out.push(c);
+            }
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,5 +113,19 @@ mod tests {
         assert_eq!(status_kind(StatusCode::UNAUTHORIZED), ErrorKind::Permanent);
         assert_eq!(excerpt("a\nb\u{0}c"), "a b c");
         assert_eq!(excerpt(&"x".repeat(1000)).len(), 200);
+    }
+
+    #[test]
+    fn numbers_are_scrubbed_short_runs_kept() {
+        assert_eq!(
+            scrub_numbers("The 'To' number +15005550001 is invalid"),
+            "The 'To' number <number> is invalid"
+        );
+        assert_eq!(scrub_numbers("447700900000"), "<number>");
+        assert_eq!(
+            scrub_numbers("code 21211, HTTP 400"),
+            "code 21211, HTTP 400"
+        );
+        assert_eq!(scrub_numbers("a+12345678+1"), "a<number>+1");
     }
 }

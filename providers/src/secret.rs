@@ -77,6 +77,14 @@ impl Credential {
     }
 }
 
+/// Compares two byte strings in time that depends only on their lengths (tokens, signatures).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -680,30 +680,7 @@ fn mask_numbers(text: &str, to: &str) -> String {
     if digits.len() >= 4 {
         text = text.replace(to, "<number>").replace(digits, "<number>");
     }
-    let mut out = String::with_capacity(text.len());
-    let mut run = String::new();
-    let flush = |run: &mut String, out: &mut String| {
-        if run.chars().filter(char::is_ascii_digit).count() >= 7 {
-            out.push_str("<number>");
-        } else {
-            out.push_str(run);
-        }
-        run.clear();
-    };
-    for c in text.chars() {
-        if c.is_ascii_digit() || (c == '+' && run.is_empty()) {
-            run.push(c);
-        } else {
-            flush(&mut run, &mut out);
-            if c == '+' {
-                run.push(c);
-            } else {
-                out.push(c);
-            }
-        }
-    }
-    flush(&mut run, &mut out);
-    out
+    crate::http::scrub_numbers(&text)
 }
 
 /// The TwiML of a voice challenge: `text` said twice with a pause between, the code in it spoken
