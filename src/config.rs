@@ -19,29 +19,7 @@ use crate::secret::ServerSecret;
 /// Environment variables with this prefix overlay the file.
 pub const ENV_PREFIX: &str = "REGISTRAR_";
 
-/// A secret from the configuration: `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret text.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(s: &str) -> Self {
-        Self(s.to_owned())
-    }
-}
+pub use registrar_providers::Secret;
 
 /// Development (embedded defaults allowed) or production (everything explicit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -787,7 +765,7 @@ impl FileConfig {
                 }
                 let secret = match (&c.secret, &c.secret_file) {
                     (Some(s), None) => s.clone(),
-                    (None, Some(path)) => Secret(
+                    (None, Some(path)) => Secret::new(
                         std::fs::read_to_string(path)
                             .map_err(|e| {
                                 bad(
