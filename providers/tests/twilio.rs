@@ -1,7 +1,7 @@
 //! The Twilio provider against a mock of Twilio's API (wiremock). Every call is matched on its
 //! method, path, Basic-auth header and complete form body; the answers are the fixtures in
 //! `tests/fixtures/twilio/` (see the README there for where each comes from). The form fields
-//! sent are also checked against Twilio's OpenAPI descriptions in `shared/provider-specs/twilio`.
+//! sent are also checked against Twilio's OpenAPI descriptions (the operations we call, in `tests/fixtures/twilio/spec`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -984,22 +984,15 @@ fn the_configured_callback_url_is_what_is_signed() {
 // ---------------------------------------------------------------------------------------------
 // The requests against Twilio's OpenAPI descriptions
 
-/// The spec file, or `None` (test skipped) when absent outside CI.
+/// The request bodies of the operations we call, extracted from Twilio's OpenAPI description
+/// into `tests/fixtures/twilio/spec/` (see the README there).
 fn spec(file: &str) -> Option<Value> {
     let path = format!(
-        "{}/../../shared/provider-specs/twilio/{file}",
+        "{}/tests/fixtures/twilio/spec/{file}",
         env!("CARGO_MANIFEST_DIR")
     );
-    match std::fs::read_to_string(&path) {
-        Ok(text) => Some(serde_json::from_str(&text).expect("spec JSON")),
-        Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("Twilio OpenAPI description {path} is missing: {e}")
-        }
-        Err(e) => {
-            eprintln!("skipping: {path}: {e}");
-            None
-        }
-    }
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    Some(serde_json::from_str(&text).expect("spec JSON"))
 }
 
 /// The declared and required form fields of the POST operation on `spec_path`.
