@@ -214,10 +214,12 @@ impl Default for HttpSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSection {
-    /// `sqlite://PATH`; default `<data_dir>/registrar.db`.
+    /// `sqlite://PATH` (default `<data_dir>/registrar.db`) or `postgres://...`.
     pub url: Option<String>,
     /// Pool size.
     pub max_connections: u32,
+    /// Seconds to wait for a pooled connection (and to connect at start).
+    pub acquire_timeout_seconds: u64,
 }
 
 impl Default for DatabaseSection {
@@ -225,6 +227,7 @@ impl Default for DatabaseSection {
         Self {
             url: None,
             max_connections: 8,
+            acquire_timeout_seconds: 10,
         }
     }
 }
@@ -436,6 +439,8 @@ pub struct Config {
     pub database_url: String,
     /// Database pool size.
     pub database_max_connections: u32,
+    /// Wait for a pooled connection.
+    pub database_acquire_timeout: Duration,
     /// The core's rules.
     pub settings: Settings,
     /// Providers, in order.
@@ -588,6 +593,12 @@ impl FileConfig {
         if self.database.max_connections == 0 {
             return Err(bad("database.max_connections", "must be at least 1"));
         }
+        if !(1..=300).contains(&self.database.acquire_timeout_seconds) {
+            return Err(bad(
+                "database.acquire_timeout_seconds",
+                "must be between 1 and 300",
+            ));
+        }
         if self.phone.allowed_types.is_empty() {
             return Err(bad("phone.allowed_types", "must name at least one type"));
         }
@@ -684,12 +695,18 @@ impl FileConfig {
         }
 
         let database_url = match &self.database.url {
-            Some(u) if u.starts_with("sqlite:") => u.clone(),
+            Some(u)
+                if u.starts_with("sqlite:")
+                    || u.starts_with("postgres://")
+                    || u.starts_with("postgresql://") =>
+            {
+                u.clone()
+            }
             Some(u) => {
                 return Err(bad(
                     "database.url",
                     format!(
-                        "unsupported database {:?} (this build supports sqlite://PATH)",
+                        "unsupported database {:?} (use sqlite://PATH or postgres://...)",
                         u.split(':').next().unwrap_or_default()
                     ),
                 ));
@@ -831,6 +848,7 @@ impl FileConfig {
             public_url: self.http.public_url.clone(),
             database_url,
             database_max_connections: self.database.max_connections,
+            database_acquire_timeout: Duration::from_secs(self.database.acquire_timeout_seconds),
             settings,
             providers,
             routes,

@@ -174,12 +174,25 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the configured database and runs its migrations.
-pub async fn open_store(config: &Config) -> anyhow::Result<SqliteStore> {
-    create_data_dir(&config.data_dir)?;
-    SqliteStore::open(&config.database_url, config.database_max_connections)
+/// Opens the configured database (SQLite or PostgreSQL, by URL) and runs its migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn store::Store>> {
+    let url = &config.database_url;
+    let shown = url.split('@').next_back().unwrap_or(url);
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let store = store::PgStore::open(
+            url,
+            config.database_max_connections,
+            config.database_acquire_timeout,
+        )
         .await
-        .with_context(|| format!("cannot open database {}", config.database_url))
+        .with_context(|| format!("database {shown}"))?;
+        return Ok(Arc::new(store));
+    }
+    create_data_dir(&config.data_dir)?;
+    let store = SqliteStore::open(url, config.database_max_connections)
+        .await
+        .with_context(|| format!("cannot open database {shown}"))?;
+    Ok(Arc::new(store))
 }
 
 impl App {
@@ -188,7 +201,7 @@ impl App {
         create_data_dir(&config.data_dir)?;
         let server_key = Arc::new(load_server_key(&config)?);
         let secret = load_secret(&config)?;
-        let store = Arc::new(open_store(&config).await?);
+        let store = open_store(&config).await?;
         let providers = match services.providers {
             Some(p) => p,
             None => build_providers(&config)?,

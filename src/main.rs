@@ -175,8 +175,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Migrate { config } => {
             let config = load(&config, None)?;
             init_logging(&config.log_filter);
-            kontalk_registrar::open_store(&config).await?;
-            println!("database {} is up to date", config.database_url);
+            let store = kontalk_registrar::open_store(&config).await?;
+            println!(
+                "{} database is up to date (schema version {})",
+                store.kind(),
+                store.schema_version().await?
+            );
             Ok(())
         }
         Command::Keygen { out, domain } => {

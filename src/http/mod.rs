@@ -358,8 +358,14 @@ async fn healthz() -> Response {
 }
 
 async fn readyz(State(s): State<ApiState>) -> Response {
-    match s.registrar.store().ping().await {
-        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+    let store = s.registrar.store();
+    match store.schema_version().await {
+        Ok(version) => Json(json!({
+            "status": "ready",
+            "database": store.kind(),
+            "schema_version": version,
+        }))
+        .into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
             (

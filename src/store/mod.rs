@@ -4,9 +4,12 @@
 //! outrunning the wrong-try counter, an account created once) is a constraint or a conditional
 //! update in the database, never an in-process lock. Times are Unix seconds.
 
+mod postgres;
+mod sql;
 mod sqlite;
 
 use async_trait::async_trait;
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use registrar_providers::Challenge;
@@ -235,4 +238,10 @@ pub trait Store: Send + Sync {
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// `sqlite` or `postgres`.
+    fn kind(&self) -> &'static str;
+
+    /// The newest migration applied.
+    async fn schema_version(&self) -> Result<i64, StoreError>;
 }

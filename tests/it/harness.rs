@@ -19,6 +19,8 @@ pub const EMULATOR_ACCOUNT: &str = "4bdd4f929f3a1062253e4e496bafba0bdfb5db75";
 
 pub struct TestServer {
     pub base: String,
+    /// The database the server uses (SQLite in its data directory, or a PostgreSQL database).
+    pub db_url: String,
     pub clock: ManualClock,
     pub provider: CapturingProvider,
     pub http: reqwest::Client,
@@ -49,6 +51,54 @@ impl Reply {
         self.headers
             .get("retry-after")
             .map(|v| v.to_str().unwrap().parse().unwrap())
+    }
+}
+
+/// With `KONTALK_TEST_POSTGRES` set (by scripts/test), a fresh PostgreSQL database for one test.
+pub async fn postgres_database() -> Option<String> {
+    let server = std::env::var("KONTALK_TEST_POSTGRES").ok()?;
+    let name = format!("t_{}", unique_suffix());
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("{server}/postgres"))
+        .await
+        .expect("the test PostgreSQL answers");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    Some(format!("{server}/{name}"))
+}
+
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!(
+        "{}_{nanos}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The store of the database `url`, opened beside the server (to look inside).
+pub async fn open_store(url: &str) -> Box<dyn kontalk_registrar::store::Store> {
+    if url.starts_with("postgres") {
+        Box::new(
+            kontalk_registrar::store::PgStore::open(url, 1, Duration::from_secs(10))
+                .await
+                .unwrap(),
+        )
+    } else {
+        Box::new(
+            kontalk_registrar::store::SqliteStore::open(url, 1)
+                .await
+                .unwrap(),
+        )
     }
 }
 
@@ -117,7 +167,16 @@ impl TestServer {
         port: u16,
     ) -> Self {
         let mut config = Config::development(dir.path()).unwrap();
+        // A restart on the same data directory finds the same PostgreSQL database.
+        let remembered = dir.path().join("test-postgres-url");
+        if let Ok(url) = std::fs::read_to_string(&remembered) {
+            config.database_url = url;
+        } else if let Some(url) = postgres_database().await {
+            std::fs::write(&remembered, &url).unwrap();
+            config.database_url = url;
+        }
         tweak(&mut config);
+        let db_url = config.database_url.clone();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
@@ -137,6 +196,7 @@ impl TestServer {
         ));
         let server = Self {
             base,
+            db_url,
             clock,
             provider,
             http: http_client(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kontalk_registrar::openpgp;
-use kontalk_registrar::store::{SqliteStore, Store};
+use kontalk_registrar::store::Store;
 use registrar_providers::{
     CapturingProvider, Challenge, Delivery, ErrorKind, Outgoing, Provider, ProviderError,
 };
@@ -22,12 +22,8 @@ fn jid() -> String {
     format!("{EMULATOR_ACCOUNT}@localhost")
 }
 
-async fn open_store(server: &TestServer) -> SqliteStore {
-    let url = format!(
-        "sqlite://{}",
-        server.dir.path().join("registrar.db").display()
-    );
-    SqliteStore::open(&url, 1).await.unwrap()
+async fn store_of(server: &TestServer) -> Box<dyn Store> {
+    open_store(&server.db_url).await
 }
 
 #[tokio::test]
@@ -80,7 +76,7 @@ async fn happy_path_registers_and_certifies_the_key() {
 
     let status = s.get(&format!("/v1/verifications/{id}")).await;
     assert_eq!(status.body["status"], "verified");
-    let account = open_store(&s)
+    let account = store_of(&s)
         .await
         .account(EMULATOR_ACCOUNT)
         .await
@@ -128,7 +124,7 @@ async fn conflict_then_force_replaces_the_key() {
     let (second, reply) = s.register(EMULATOR, true).await;
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_ne!(first.fingerprint(), second.fingerprint());
-    let account = open_store(&s)
+    let account = store_of(&s)
         .await
         .account(EMULATOR_ACCOUNT)
         .await
@@ -256,7 +252,7 @@ async fn expired_verifications_are_gone_and_purged() {
     ] {
         assert_eq!((r.status, r.problem_type()), (404, "not-found"));
     }
-    let store = open_store(&s).await;
+    let store = store_of(&s).await;
     let now = s.clock_now().timestamp();
     assert_eq!(store.purge_expired(now).await.unwrap(), 1);
     assert!(
