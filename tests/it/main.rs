@@ -2,9 +2,11 @@
 //! service on `127.0.0.1:0` with its own data directory.
 
 mod cli;
+mod database;
 mod gpg;
 mod harness;
 mod http_api;
+mod instances;
 mod providers;
 mod xmpp_e2e;
 mod xmpp_handler;

@@ -143,7 +143,15 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
     )
     .unwrap();
     let log = std::fs::File::create(dir.path().join("registrar.log")).unwrap();
-    let registrar = Command::new(BIN)
+    // In the PostgreSQL pass of scripts/test, the component's database is PostgreSQL too.
+    let database = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(crate::harness::postgres_database());
+    let mut registrar = Command::new(BIN);
+    if let Some(url) = &database {
+        registrar.env("REGISTRAR_DATABASE__URL", url);
+    }
+    let registrar = registrar
         .args(["serve", "--config"])
         .arg(&registrar_config)
         .env("REGISTRAR_XMPP__COMPONENT__SECRET", SECRET)
