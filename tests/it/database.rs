@@ -96,3 +96,22 @@ async fn an_unreachable_postgres_is_a_clear_error() {
         .to_string();
     assert!(!e.is_empty());
 }
+
+#[tokio::test]
+async fn postgres_over_tls_is_required_when_the_url_says_so() {
+    // The test server has no TLS: a URL demanding it must fail, and say why.
+    let Some(url) = postgres_database().await else {
+        eprintln!("runs in the PostgreSQL pass of scripts/test (KONTALK_TEST_POSTGRES)");
+        return;
+    };
+    let e = PgStore::open(&format!("{url}?sslmode=require"), 1, Duration::from_secs(5))
+        .await
+        .unwrap_err()
+        .to_string()
+        .to_lowercase();
+    assert!(e.contains("tls") || e.contains("ssl"), "{e}");
+    // sslmode=prefer falls back to plain TCP on loopback.
+    PgStore::open(&format!("{url}?sslmode=prefer"), 1, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
