@@ -116,10 +116,36 @@ async fn post(client: &reqwest::Client, url: String, body: Value) -> (u16, Value
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn load(registrations: usize, concurrency: usize) {
+/// A fresh database on the PostgreSQL server `server` (`postgres://user@host:port`).
+async fn postgres_database(server: &str) -> String {
+    let admin = sqlx::PgPool::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let name = format!("bench_{}", std::process::id());
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}"
+    )))
+    .execute(&admin)
+    .await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    format!("{server}/{name}")
+}
+
+async fn load(registrations: usize, concurrency: usize, postgres: Option<&str>) {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let config = Config::development(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let mut config = Config::development(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+    let backend = match postgres {
+        Some(server) => {
+            config.database_url = postgres_database(server).await;
+            config.database_max_connections = 32;
+            "PostgreSQL"
+        }
+        None => "SQLite",
+    };
     let capture = CapturingProvider::new("bench", "12345");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -219,7 +245,7 @@ async fn load(registrations: usize, concurrency: usize) {
     starts.sort();
     verifies.sort();
     println!(
-        "HTTP registrations (start + verify), {concurrency} clients: {:.0} registrations/s over {registrations}",
+        "HTTP registrations (start + verify) on {backend}, {concurrency} clients: {:.0} registrations/s over {registrations}",
         registrations as f64 / elapsed.as_secs_f64()
     );
     println!(
@@ -249,5 +275,9 @@ fn main() {
         .build()
         .unwrap_or_else(|e| panic!("{e}"));
     let (n, c) = if full { (2000, 16) } else { (50, 4) };
-    rt.block_on(load(n, c));
+    rt.block_on(load(n, c, None));
+    // KONTALK_BENCH_POSTGRES=postgres://user@host:port measures the same on PostgreSQL.
+    if let Ok(server) = std::env::var("KONTALK_BENCH_POSTGRES") {
+        rt.block_on(load(n, c, Some(&server)));
+    }
 }
