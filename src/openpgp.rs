@@ -293,10 +293,6 @@ impl UserKey {
         self.0.fingerprint().to_hex()
     }
 
-    /// The certificate.
-    pub fn cert(&self) -> &Cert {
-        &self.0
-    }
 }
 
 /// A certificate with our certification, ready to hand back.

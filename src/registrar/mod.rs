@@ -233,10 +233,6 @@ impl Registrar {
         self.dispatcher.challenges()
     }
 
-    /// The providers and routing.
-    pub fn dispatcher(&self) -> &Dispatcher {
-        &self.dispatcher
-    }
 
     /// Parses a number typed by a user under the configured policy. libphonenumber's validity
     /// check can take milliseconds, so it runs off the async workers.
