@@ -292,7 +292,6 @@ impl UserKey {
     pub fn fingerprint(&self) -> String {
         self.0.fingerprint().to_hex()
     }
-
 }
 
 /// A certificate with our certification, ready to hand back.

@@ -233,7 +233,6 @@ impl Registrar {
         self.dispatcher.challenges()
     }
 
-
     /// Parses a number typed by a user under the configured policy. libphonenumber's validity
     /// check can take milliseconds, so it runs off the async workers.
     pub async fn parse_phone(&self, input: &str) -> Result<PhoneNumber, Error> {
