@@ -372,3 +372,31 @@ mod tests {
         assert!(!s.contains("5215554"), "{s}");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any text at all: a number or a reason, never a panic; accepted numbers are E.164.
+        #[test]
+        fn any_text_parses_or_is_refused(input in any::<String>()) {
+            for policy in [PhonePolicy::default(), PhonePolicy { accept_fictional: true, ..PhonePolicy::default() }] {
+                if let Ok(n) = policy.parse(&input) {
+                    prop_assert!(n.as_str().starts_with('+'));
+                    prop_assert!(n.as_str()[1..].bytes().all(|b| b.is_ascii_digit()));
+                    prop_assert_eq!(n.account().as_str().len(), 40);
+                }
+            }
+        }
+
+        /// Phone-shaped input (digits and the punctuation people type) is handled the same way.
+        #[test]
+        fn phone_shaped_text_never_panics(input in "[+0-9 ()./-]{0,40}") {
+            let _ = PhonePolicy { accept_fictional: true, ..PhonePolicy::default() }.parse(&input);
+        }
+    }
+}

@@ -480,3 +480,56 @@ mod tests {
         assert!(!s.contains("<instructions>"));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use std::str::FromStr;
+
+    fn escape(s: &str) -> String {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('\'', "&apos;")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Arbitrary field names and values in a register form: a submission or a reason.
+        #[test]
+        fn arbitrary_forms_are_parsed_or_refused(
+            form_type in prop_oneof![Just("jabber:iq:register".to_owned()), Just(CODE_FORM_TYPE.to_owned()), any::<String>()],
+            fields in proptest::collection::vec((any::<String>(), any::<String>()), 0..6),
+            x_type in prop_oneof![Just("submit"), Just("form"), Just("result")],
+        ) {
+            let mut xml = format!(
+                "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='{x_type}'>\
+                 <field var='FORM_TYPE' type='hidden'><value>{}</value></field>",
+                escape(&form_type)
+            );
+            for (var, value) in &fields {
+                xml.push_str(&format!(
+                    "<field var='{}'><value>{}</value></field>",
+                    escape(var),
+                    escape(value)
+                ));
+            }
+            xml.push_str("</x></query>");
+            // Strings with characters XML cannot carry do not make an element: nothing to parse.
+            if let Ok(element) = Element::from_str(&xml) {
+                match parse_submission(element) {
+                    Ok(_) | Err(FormError(_)) => {}
+                }
+            }
+        }
+
+        /// Arbitrary text as a whole stanza payload never panics the parsers.
+        #[test]
+        fn arbitrary_payloads_never_panic(text in any::<String>()) {
+            if let Ok(element) = Element::from_str(&text) {
+                let _ = parse_submission(element);
+            }
+        }
+    }
+}

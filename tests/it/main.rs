@@ -3,6 +3,7 @@
 
 mod cli;
 mod database;
+mod fuzz;
 mod gpg;
 mod harness;
 mod http_api;

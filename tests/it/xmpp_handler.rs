@@ -404,3 +404,43 @@ async fn registration_closed_is_not_allowed() {
     let out = x.step1("a@localhost/r", EMULATOR, "").await;
     assert_eq!(out.condition, "cancel/not-allowed");
 }
+
+#[tokio::test]
+async fn arbitrary_values_in_the_forms_get_protocol_answers() {
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    let x = setup(|_| {}).await;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let text = "[\\PC]{0,40}";
+    let documented = [
+        "",
+        "modify/bad-request",
+        "modify/conflict",
+        "cancel/item-not-found",
+        "wait/service-unavailable",
+        "modify/not-acceptable",
+        "cancel/not-allowed",
+    ];
+    for i in 0..150 {
+        let (a, b) = (text, text).new_tree(&mut runner).unwrap().current();
+        let escape = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;");
+        let out = if i % 2 == 0 {
+            x.step1(
+                &format!("fuzz{i}@localhost/r"),
+                &escape(&a),
+                &format!(
+                    "<field var='challenge'><value>{}</value></field>",
+                    escape(&b)
+                ),
+            )
+            .await
+        } else {
+            x.step2(&format!("fuzz{i}@localhost/r"), &escape(&a), b.as_bytes())
+                .await
+        };
+        assert!(
+            documented.contains(&out.condition.as_str()),
+            "{a:?} {b:?}: {out:?}"
+        );
+    }
+}
