@@ -12,7 +12,10 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use ipnet::IpNet;
+
 use crate::phone::{NumberType, PhonePolicy};
+use crate::registrar::abuse::{AbuseSettings, Caps, Cost, Limits, Lists, Pumping, Rate};
 use crate::registrar::{CODE_LENGTHS, Challenge, DispatchSettings, Route, Settings, Templates};
 use crate::secret::ServerSecret;
 
@@ -63,6 +66,8 @@ pub struct FileConfig {
         std::collections::BTreeMap<Challenge, std::collections::BTreeMap<String, String>>,
     /// `[xmpp]`.
     pub xmpp: XmppSection,
+    /// `[abuse]`: rate limits, lists, pumping defence, caps, costs, test numbers.
+    pub abuse: AbuseSection,
     /// `[log]`.
     pub log: LogSection,
 }
@@ -83,6 +88,7 @@ impl Default for FileConfig {
             delivery: DeliverySection::default(),
             templates: Default::default(),
             xmpp: XmppSection::default(),
+            abuse: AbuseSection::default(),
             log: LogSection::default(),
         }
     }
@@ -198,6 +204,8 @@ pub struct HttpSection {
     /// The service's public base URL as providers call it (`https://reg.example.org`), for
     /// receipt signatures; default: the request's Host header over http.
     pub public_url: Option<String>,
+    /// Reverse proxies (CIDRs) whose `X-Forwarded-For` header names the client.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for HttpSection {
@@ -206,6 +214,7 @@ impl Default for HttpSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_bytes: 64 * 1024,
             public_url: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -262,8 +271,12 @@ pub struct VerificationSection {
     pub code_length: usize,
     /// Seconds a code stays valid.
     pub lifetime_seconds: u64,
-    /// Seconds between two messages for one verification.
+    /// Seconds after the first message before another; the wait doubles with each message.
     pub resend_wait_seconds: u64,
+    /// The longest wait between two messages.
+    pub resend_wait_max_seconds: u64,
+    /// Seconds after a text message before a voice call or missed call may replace it.
+    pub call_wait_seconds: u64,
     /// Code submissions per requester (the HTTP client, or one XMPP JID) before it is refused.
     pub max_attempts: u32,
     /// Code submissions per verification, all requesters together, before it locks.
@@ -278,6 +291,8 @@ impl Default for VerificationSection {
             code_length: 6,
             lifetime_seconds: 600,
             resend_wait_seconds: 60,
+            resend_wait_max_seconds: 600,
+            call_wait_seconds: 60,
             max_attempts: 5,
             max_attempts_total: 15,
             default_challenge: Challenge::Pin,
@@ -301,6 +316,393 @@ impl Default for PhoneSection {
             accept_fictional: None,
             allowed_types: PhonePolicy::default().allowed_types,
         }
+    }
+}
+
+/// `[abuse.start]`, `[abuse.resend]`, `[abuse.check]`: a rate per scope, such as `"5/1h"`, or
+/// `"off"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Per client IP (IPv6 per network).
+    pub per_ip: String,
+    /// Per phone number.
+    pub per_number: String,
+    /// Per number prefix (`abuse.prefix_digits`).
+    pub per_prefix: String,
+    /// Per calling code.
+    pub per_country: String,
+    /// For the whole service.
+    pub global: String,
+}
+
+impl From<&Limits> for LimitsSection {
+    fn from(l: &Limits) -> Self {
+        let show = |r: Option<Rate>| r.map_or_else(|| "off".to_owned(), |r| r.to_string());
+        Self {
+            per_ip: show(l.ip),
+            per_number: show(l.number),
+            per_prefix: show(l.prefix),
+            per_country: show(l.country),
+            global: show(l.global),
+        }
+    }
+}
+
+/// `[abuse.pumping]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PumpingSection {
+    /// Block prefixes automatically.
+    pub enabled: bool,
+    /// Seconds of traffic judged.
+    pub window_seconds: u64,
+    /// Messages to a prefix within the window before its ratio is judged.
+    pub min_messages: u32,
+    /// Completed verifications per message below which a prefix is blocked.
+    pub min_completion: f64,
+    /// Seconds a block lasts.
+    pub block_seconds: u64,
+}
+
+impl Default for PumpingSection {
+    fn default() -> Self {
+        let p = Pumping::default();
+        Self {
+            enabled: p.enabled,
+            window_seconds: p.window.as_secs(),
+            min_messages: p.min_messages,
+            min_completion: p.min_completion,
+            block_seconds: p.block_for.as_secs(),
+        }
+    }
+}
+
+/// `[abuse.caps]`: messages per UTC day.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapsSection {
+    /// All messages (0: no cap).
+    pub daily_total: u32,
+    /// Messages to any one country (0: no cap).
+    pub daily_per_country: u32,
+    /// Caps of particular countries, by calling code or ISO code (`"44"`, `"GB"`).
+    pub countries: std::collections::BTreeMap<String, u32>,
+}
+
+impl Default for CapsSection {
+    fn default() -> Self {
+        let c = AbuseSettings::default().caps;
+        Self {
+            daily_total: c.total.unwrap_or(0),
+            daily_per_country: c.per_country.unwrap_or(0),
+            countries: Default::default(),
+        }
+    }
+}
+
+/// One `[[abuse.costs]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostConfig {
+    /// Provider name.
+    pub provider: String,
+    /// Calling code or ISO code; absent: every other country.
+    #[serde(default)]
+    pub country: Option<String>,
+    /// Price of one message or call.
+    pub price: f64,
+}
+
+/// One `[[abuse.test_numbers]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestNumberConfig {
+    /// The number, in international format.
+    pub phone: String,
+    /// Its fixed code.
+    pub code: String,
+}
+
+/// `[abuse]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AbuseSection {
+    /// Serve without limits when the database cannot count (default: refuse).
+    pub fail_open: bool,
+    /// Digits of the E.164 number, calling code included, that make its prefix.
+    pub prefix_digits: usize,
+    /// IPv6 clients are counted per network of this length.
+    pub ipv6_prefix: u8,
+    /// A repeated start (same number, same client) within this many seconds returns the
+    /// verification instead of sending again.
+    pub repeat_window_seconds: u64,
+    /// Countries served (calling codes or ISO codes); empty: all.
+    pub allow_countries: Vec<String>,
+    /// Countries refused.
+    pub deny_countries: Vec<String>,
+    /// E.164 prefixes served; empty: all.
+    pub allow_prefixes: Vec<String>,
+    /// E.164 prefixes refused.
+    pub deny_prefixes: Vec<String>,
+    /// Client networks refused (CIDRs).
+    pub deny_ips: Vec<String>,
+    /// Client networks that skip IP throttling (trusted backends).
+    pub trusted_ips: Vec<String>,
+    /// Currency of `costs`.
+    pub currency: String,
+    /// Starting verifications.
+    pub start: LimitsSection,
+    /// Resending.
+    pub resend: LimitsSection,
+    /// Checking codes.
+    pub check: LimitsSection,
+    /// SMS-pumping defence.
+    pub pumping: PumpingSection,
+    /// Daily caps.
+    pub caps: CapsSection,
+    /// Prices per provider and country.
+    pub costs: Vec<CostConfig>,
+    /// Numbers with fixed codes that never reach a provider.
+    pub test_numbers: Vec<TestNumberConfig>,
+}
+
+impl Default for AbuseSection {
+    fn default() -> Self {
+        let a = AbuseSettings::default();
+        Self {
+            fail_open: a.fail_open,
+            prefix_digits: a.prefix_digits,
+            ipv6_prefix: a.ipv6_prefix,
+            repeat_window_seconds: a.repeat_window.as_secs(),
+            allow_countries: Vec::new(),
+            deny_countries: Vec::new(),
+            allow_prefixes: Vec::new(),
+            deny_prefixes: Vec::new(),
+            deny_ips: Vec::new(),
+            trusted_ips: Vec::new(),
+            currency: a.currency.clone(),
+            start: (&a.start).into(),
+            resend: (&a.resend).into(),
+            check: (&a.check).into(),
+            pumping: PumpingSection::default(),
+            caps: CapsSection::default(),
+            costs: Vec::new(),
+            test_numbers: Vec::new(),
+        }
+    }
+}
+
+/// A calling code (`"44"`, `"+44"`) or an ISO region code naming one (`"GB"`), as digits.
+fn calling_code(key: &str, value: &str) -> Result<String, ConfigError> {
+    let v = value.trim();
+    let digits = v.strip_prefix('+').unwrap_or(v);
+    if !digits.is_empty() && digits.len() <= 3 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        let code: u16 = digits.parse().map_err(|_| bad(key, "not a calling code"))?;
+        if phonenumber::metadata::DATABASE.region(&code).is_some() {
+            return Ok(code.to_string());
+        }
+        return Err(bad(key, format!("{value:?} is no country calling code")));
+    }
+    let region = v.to_ascii_uppercase();
+    let Some(meta) = phonenumber::metadata::DATABASE.by_id(region.as_str()) else {
+        return Err(bad(
+            key,
+            format!(
+                "{value:?} is neither a calling code (\"+44\") nor an ISO country code (\"GB\")"
+            ),
+        ));
+    };
+    let code = meta.country_code();
+    let shared = phonenumber::metadata::DATABASE
+        .region(&code)
+        .unwrap_or_default();
+    if shared.len() > 1 {
+        return Err(bad(
+            key,
+            format!(
+                "{value:?} shares calling code +{code} with {}; write \"+{code}\" for all of \
+                 them, or list prefixes in allow_prefixes/deny_prefixes",
+                shared
+                    .iter()
+                    .filter(|r| !r.eq_ignore_ascii_case(&region))
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ));
+    }
+    Ok(code.to_string())
+}
+
+/// An E.164 prefix (`"+4479"`, spaces and dashes allowed) as digits.
+fn e164_prefix(key: &str, value: &str) -> Result<String, ConfigError> {
+    let cleaned: String = value.chars().filter(|c| !matches!(c, ' ' | '-')).collect();
+    let digits = cleaned.strip_prefix('+').unwrap_or(&cleaned);
+    if digits.is_empty() || digits.len() > 15 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad(
+            key,
+            format!("{value:?} is not an E.164 prefix such as \"+39\""),
+        ));
+    }
+    Ok(digits.to_owned())
+}
+
+fn rate(key: &str, value: &str) -> Result<Option<Rate>, ConfigError> {
+    if value.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    value.parse().map(Some).map_err(|e| bad(key, e))
+}
+
+fn limits(key: &str, l: &LimitsSection) -> Result<Limits, ConfigError> {
+    Ok(Limits {
+        ip: rate(&format!("{key}.per_ip"), &l.per_ip)?,
+        number: rate(&format!("{key}.per_number"), &l.per_number)?,
+        prefix: rate(&format!("{key}.per_prefix"), &l.per_prefix)?,
+        country: rate(&format!("{key}.per_country"), &l.per_country)?,
+        global: rate(&format!("{key}.global"), &l.global)?,
+    })
+}
+
+fn cidrs(key: &str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .map(|c| {
+            let c = c.trim();
+            c.parse::<IpNet>()
+                .or_else(|_| c.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| bad(key, format!("{c:?} is not an IP address or CIDR network")))
+        })
+        .collect()
+}
+
+impl AbuseSection {
+    fn validate(
+        &self,
+        policy: &PhonePolicy,
+        production: bool,
+    ) -> Result<AbuseSettings, ConfigError> {
+        if !(3..=15).contains(&self.prefix_digits) {
+            return Err(bad("abuse.prefix_digits", "must be between 3 and 15"));
+        }
+        if !(16..=128).contains(&self.ipv6_prefix) {
+            return Err(bad("abuse.ipv6_prefix", "must be between 16 and 128"));
+        }
+        if self.repeat_window_seconds > 3600 {
+            return Err(bad("abuse.repeat_window_seconds", "must be at most 3600"));
+        }
+        let p = &self.pumping;
+        if !(600..=7 * 86_400).contains(&p.window_seconds) {
+            return Err(bad(
+                "abuse.pumping.window_seconds",
+                "must be between 600 and 604800",
+            ));
+        }
+        if p.min_messages == 0 {
+            return Err(bad("abuse.pumping.min_messages", "must be at least 1"));
+        }
+        if !(0.0..=1.0).contains(&p.min_completion) {
+            return Err(bad(
+                "abuse.pumping.min_completion",
+                "must be between 0 and 1",
+            ));
+        }
+        if !(60..=30 * 86_400).contains(&p.block_seconds) {
+            return Err(bad(
+                "abuse.pumping.block_seconds",
+                "must be between 60 and 2592000",
+            ));
+        }
+        let codes = |key: &str, list: &[String]| -> Result<Vec<String>, ConfigError> {
+            list.iter().map(|c| calling_code(key, c)).collect()
+        };
+        let prefixes = |key: &str, list: &[String]| -> Result<Vec<String>, ConfigError> {
+            list.iter().map(|c| e164_prefix(key, c)).collect()
+        };
+        let nonzero = |n: u32| (n > 0).then_some(n);
+        let mut countries = std::collections::BTreeMap::new();
+        for (c, cap) in &self.caps.countries {
+            countries.insert(calling_code("abuse.caps.countries", c)?, *cap);
+        }
+        let mut costs = Vec::new();
+        for (i, c) in self.costs.iter().enumerate() {
+            if !(c.price.is_finite() && c.price >= 0.0) {
+                return Err(bad(
+                    &format!("abuse.costs[{i}].price"),
+                    "must be a price of 0 or more",
+                ));
+            }
+            costs.push(Cost {
+                provider: c.provider.clone(),
+                country: match &c.country {
+                    Some(code) => calling_code(&format!("abuse.costs[{i}].country"), code)?,
+                    None => String::new(),
+                },
+                price: c.price,
+            });
+        }
+        let mut test_numbers = std::collections::BTreeMap::new();
+        for (i, t) in self.test_numbers.iter().enumerate() {
+            let key = format!("abuse.test_numbers[{i}]");
+            // Listed numbers need only be viable: a fictional number (the usual choice for an
+            // app-store review account) is accepted in production because it is listed.
+            let lenient = PhonePolicy {
+                accept_fictional: true,
+                ..policy.clone()
+            };
+            let phone = lenient
+                .parse(&t.phone)
+                .map_err(|e| bad(&format!("{key}.phone"), e))?;
+            let code: crate::registrar::Code =
+                t.code.parse().map_err(|e| bad(&format!("{key}.code"), e))?;
+            if !CODE_LENGTHS.contains(&code.as_str().len()) {
+                return Err(bad(&format!("{key}.code"), "must have 4 to 10 digits"));
+            }
+            if production
+                && code
+                    .as_str()
+                    .bytes()
+                    .all(|b| b == code.as_str().as_bytes()[0])
+            {
+                return Err(bad(
+                    &format!("{key}.code"),
+                    "a code of one repeated digit is refused in production",
+                ));
+            }
+            test_numbers.insert(phone.as_str().to_owned(), code.as_str().to_owned());
+        }
+        Ok(AbuseSettings {
+            start: limits("abuse.start", &self.start)?,
+            resend: limits("abuse.resend", &self.resend)?,
+            check: limits("abuse.check", &self.check)?,
+            prefix_digits: self.prefix_digits,
+            ipv6_prefix: self.ipv6_prefix,
+            fail_open: self.fail_open,
+            repeat_window: Duration::from_secs(self.repeat_window_seconds),
+            lists: Lists {
+                allow_countries: codes("abuse.allow_countries", &self.allow_countries)?,
+                deny_countries: codes("abuse.deny_countries", &self.deny_countries)?,
+                allow_prefixes: prefixes("abuse.allow_prefixes", &self.allow_prefixes)?,
+                deny_prefixes: prefixes("abuse.deny_prefixes", &self.deny_prefixes)?,
+                deny_ips: cidrs("abuse.deny_ips", &self.deny_ips)?,
+                trusted_ips: cidrs("abuse.trusted_ips", &self.trusted_ips)?,
+            },
+            pumping: Pumping {
+                enabled: p.enabled,
+                window: Duration::from_secs(p.window_seconds),
+                min_messages: p.min_messages,
+                min_completion: p.min_completion,
+                block_for: Duration::from_secs(p.block_seconds),
+            },
+            caps: Caps {
+                total: nonzero(self.caps.daily_total),
+                per_country: nonzero(self.caps.daily_per_country),
+                countries,
+            },
+            costs,
+            currency: self.currency.clone(),
+            test_numbers,
+        })
     }
 }
 
@@ -435,6 +837,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Public base URL for receipt signatures.
     pub public_url: Option<String>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<IpNet>,
     /// Database URL.
     pub database_url: String,
     /// Database pool size.
@@ -567,6 +971,21 @@ impl FileConfig {
         if v.resend_wait_seconds >= v.lifetime_seconds {
             return Err(bad(
                 "verification.resend_wait_seconds",
+                "must be shorter than verification.lifetime_seconds",
+            ));
+        }
+        if v.resend_wait_max_seconds < v.resend_wait_seconds
+            || v.resend_wait_max_seconds > v.lifetime_seconds
+        {
+            return Err(bad(
+                "verification.resend_wait_max_seconds",
+                "must be at least verification.resend_wait_seconds and at most \
+                 verification.lifetime_seconds",
+            ));
+        }
+        if v.call_wait_seconds >= v.lifetime_seconds {
+            return Err(bad(
+                "verification.call_wait_seconds",
                 "must be shorter than verification.lifetime_seconds",
             ));
         }
@@ -819,15 +1238,20 @@ impl FileConfig {
             }
         };
 
+        let phone_policy = PhonePolicy {
+            accept_fictional: self.phone.accept_fictional.unwrap_or(!production),
+            allowed_types: self.phone.allowed_types.clone(),
+        };
+        let abuse = self.abuse.validate(&phone_policy, production)?;
+        let trusted_proxies = cidrs("http.trusted_proxies", &self.http.trusted_proxies)?;
         let settings = Settings {
             domain,
-            phone_policy: PhonePolicy {
-                accept_fictional: self.phone.accept_fictional.unwrap_or(!production),
-                allowed_types: self.phone.allowed_types.clone(),
-            },
+            phone_policy,
             code_length: v.code_length,
             lifetime: Duration::from_secs(v.lifetime_seconds),
             resend_wait: Duration::from_secs(v.resend_wait_seconds),
+            resend_wait_max: Duration::from_secs(v.resend_wait_max_seconds),
+            call_wait: Duration::from_secs(v.call_wait_seconds),
             max_attempts: v.max_attempts,
             max_attempts_total: v.max_attempts_total,
             open: self.registration.open,
@@ -835,6 +1259,7 @@ impl FileConfig {
             service_name: self.registration.service_name.clone(),
             default_challenge: v.default_challenge,
             templates,
+            abuse,
         };
         Ok(Config {
             mode: self.mode,
@@ -846,6 +1271,7 @@ impl FileConfig {
             http_listen: self.http.listen,
             max_body_bytes: self.http.max_body_bytes,
             public_url: self.http.public_url.clone(),
+            trusted_proxies,
             database_url,
             database_max_connections: self.database.max_connections,
             database_acquire_timeout: Duration::from_secs(self.database.acquire_timeout_seconds),
@@ -1049,6 +1475,26 @@ mod tests {
                 &serde_json::to_value(&dev[0]).unwrap(),
                 &mut keys,
             );
+            walk(
+                "abuse.costs",
+                &serde_json::to_value(CostConfig {
+                    provider: "p".into(),
+                    country: Some("44".into()),
+                    price: 0.1,
+                })
+                .unwrap(),
+                &mut keys,
+            );
+            walk(
+                "abuse.test_numbers",
+                &serde_json::to_value(TestNumberConfig {
+                    phone: "+15555550100".into(),
+                    code: "246810".into(),
+                })
+                .unwrap(),
+                &mut keys,
+            );
+            keys.push("abuse.caps.countries".into());
             for key in keys {
                 let name = key.rsplit('.').next().unwrap();
                 let documented = example.lines().any(|l| {
@@ -1056,10 +1502,85 @@ mod tests {
                     l.starts_with(&format!("{name} =")) || l.starts_with(&format!("{name}:"))
                 });
                 assert!(
-                    documented || name == "providers" || name == "routes",
+                    documented || ["providers", "routes", "costs", "test_numbers"].contains(&name),
                     "{key} is not in the example"
                 );
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn abuse_settings_are_parsed_and_checked_by_key() {
+        Jail::expect_with(|jail| {
+            let c = load_in(
+                jail,
+                "[abuse]\nallow_countries = [\"+39\", \"DE\"]\ndeny_prefixes = [\"+882 16\"]\n\
+                 trusted_ips = [\"10.0.0.0/8\", \"2001:db8::1\"]\n\
+                 [abuse.start]\nper_ip = \"3/10m\"\nper_number = \"off\"\nper_prefix = \"1/1d\"\n\
+                 per_country = \"5/1h\"\nglobal = \"9/1s\"\n\
+                 [abuse.caps]\ncountries = { \"DE\" = 7 }\n\
+                 [[abuse.costs]]\nprovider = \"development\"\ncountry = \"+39\"\nprice = 0.05\n\
+                 [[abuse.test_numbers]]\nphone = \"+1 555 555 0100\"\ncode = \"2468\"\n",
+            )
+            .unwrap();
+            let a = &c.settings.abuse;
+            assert_eq!(a.lists.allow_countries, ["39", "49"]);
+            assert_eq!(a.lists.deny_prefixes, ["88216"]);
+            assert_eq!(a.lists.trusted_ips.len(), 2);
+            assert_eq!(a.start.ip.unwrap().to_string(), "3/10m");
+            assert_eq!(a.start.number, None);
+            assert_eq!(a.caps.for_country("49"), Some(7));
+            assert_eq!(a.costs[0].country, "39");
+            assert_eq!(a.test_numbers["+15555550100"], "2468");
+            for (toml, key) in [
+                (
+                    "[abuse]\ndeny_countries = [\"US\"]\n",
+                    "abuse.deny_countries",
+                ),
+                (
+                    "[abuse]\ndeny_countries = [\"IT\"]\n",
+                    "shares calling code +39 with VA",
+                ),
+                (
+                    "[abuse]\ndeny_countries = [\"+999\"]\n",
+                    "abuse.deny_countries",
+                ),
+                ("[abuse]\ndeny_ips = [\"10.0.0.0/33\"]\n", "abuse.deny_ips"),
+                (
+                    "[abuse.check]\nper_ip = \"5 per hour\"\nper_number = \"off\"\nper_prefix = \"off\"\nper_country = \"off\"\nglobal = \"off\"\n",
+                    "abuse.check.per_ip",
+                ),
+                (
+                    "[abuse.pumping]\nmin_completion = 1.5\n",
+                    "abuse.pumping.min_completion",
+                ),
+                (
+                    "[[abuse.test_numbers]]\nphone = \"12\"\ncode = \"2468\"\n",
+                    "abuse.test_numbers[0].phone",
+                ),
+                (
+                    "[[abuse.test_numbers]]\nphone = \"+15555550100\"\ncode = \"12\"\n",
+                    "abuse.test_numbers[0].code",
+                ),
+                (
+                    "[http]\ntrusted_proxies = [\"proxy\"]\n",
+                    "http.trusted_proxies",
+                ),
+            ] {
+                let e = load_in(jail, toml).unwrap_err();
+                assert!(e.0.contains(key), "{toml}: {e}");
+            }
+            // In production a test number's code must not be trivial.
+            jail.set_env("REGISTRAR_SERVER__SECRET", "ab".repeat(32));
+            let e = load_in(
+                jail,
+                "mode = \"production\"\n[server]\nkey_file = \"k.asc\"\n[[providers]]\n\
+                 kind = \"generic\"\nname = \"g\"\nurl = \"https://sms.example/send\"\nsender = \"x\"\n\
+                 [[abuse.test_numbers]]\nphone = \"+15555550100\"\ncode = \"0000\"\n",
+            )
+            .unwrap_err();
+            assert!(e.0.contains("abuse.test_numbers[0].code"), "{e}");
             Ok(())
         });
     }

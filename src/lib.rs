@@ -288,8 +288,11 @@ impl App {
         let router = http::router(
             self.registrar.clone(),
             self.clock.clone(),
-            self.config.max_body_bytes,
-            self.config.public_url.clone(),
+            http::HttpOptions {
+                max_body_bytes: self.config.max_body_bytes,
+                public_url: self.config.public_url.clone(),
+                trusted_proxies: self.config.trusted_proxies.clone(),
+            },
         );
         let addr = listeners.http.local_addr()?;
         tracing::info!(
@@ -299,10 +302,13 @@ impl App {
             server_key = %self.registrar.server_key().fingerprint(),
             "kontalk-registrar is ready"
         );
-        axum::serve(listeners.http, router)
-            .with_graceful_shutdown(stopped(stop_rx))
-            .await
-            .context("HTTP server failed")?;
+        axum::serve(
+            listeners.http,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx))
+        .await
+        .context("HTTP server failed")?;
         purger.abort();
         if let Some(component) = component {
             // The component closes its stream when it sees the stop signal.

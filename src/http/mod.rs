@@ -28,10 +28,13 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use axum::extract::ConnectInfo;
+use ipnet::IpNet;
+
 use crate::clock::Clock;
 use crate::openpgp::UserKey;
 use crate::registrar::{
-    Challenge, Code, Error, Registrar, StartRequest, Verification, VerificationId,
+    Challenge, Code, Error, Origin, Registrar, StartRequest, Verification, VerificationId,
 };
 pub use problem::Problem;
 
@@ -41,20 +44,31 @@ pub struct ApiState {
     registrar: Arc<Registrar>,
     clock: Arc<dyn Clock>,
     public_url: Option<Arc<str>>,
+    trusted_proxies: Arc<[IpNet]>,
 }
 
-/// The API's router, limiting request bodies to `max_body_bytes` (413 beyond). `public_url` is
-/// the service's address as providers call it (receipt signatures cover the full URL).
-pub fn router(
-    registrar: Arc<Registrar>,
-    clock: Arc<dyn Clock>,
-    max_body_bytes: usize,
-    public_url: Option<String>,
-) -> Router {
+/// How the API is served.
+#[derive(Debug, Clone, Default)]
+pub struct HttpOptions {
+    /// Largest request body (413 beyond).
+    pub max_body_bytes: usize,
+    /// The service's address as providers call it (receipt signatures cover the full URL).
+    pub public_url: Option<String>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// The API's router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that
+/// the limits see client addresses.
+pub fn router(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, options: HttpOptions) -> Router {
+    let max_body_bytes = options.max_body_bytes;
     let state = ApiState {
         registrar,
         clock,
-        public_url: public_url.map(|u| Arc::from(u.trim_end_matches('/'))),
+        public_url: options
+            .public_url
+            .map(|u| Arc::from(u.trim_end_matches('/'))),
+        trusted_proxies: options.trusted_proxies.into(),
     };
     Router::new()
         .route("/v1/verifications", post(start))
@@ -134,6 +148,55 @@ impl ApiState {
     fn problem(&self, e: Error) -> Problem {
         Problem::from_error(&e, self.clock.now())
     }
+
+    /// The client of a request: the peer, or, when the peer is a trusted proxy, the nearest
+    /// address in `X-Forwarded-For` that is not one.
+    fn origin(&self, parts: &axum::http::request::Parts) -> Origin {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| crate::registrar::abuse::canonical(c.0.ip()));
+        let trusted = |ip: &std::net::IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
+        let ip = match peer {
+            Some(peer) if trusted(&peer) => parts
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+                .map(crate::registrar::abuse::canonical)
+                .rev()
+                .find(|a| !trusted(a))
+                .or(Some(peer)),
+            other => other,
+        };
+        let idempotency_key = parts
+            .headers
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok())
+            .map(|k| k.trim().trim_matches('"').to_owned())
+            .filter(|k| !k.is_empty() && k.len() <= 255);
+        Origin {
+            ip,
+            jid: None,
+            idempotency_key,
+        }
+    }
+}
+
+/// The request's [`Origin`].
+pub struct Client(pub Origin);
+
+impl axum::extract::FromRequestParts<ApiState> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &ApiState,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Client(state.origin(parts)))
+    }
 }
 
 fn time(t: DateTime<Utc>) -> String {
@@ -150,6 +213,7 @@ fn verification_json(v: &Verification) -> serde_json::Value {
         "instructions": v.instructions,
         "expires_at": time(v.expires_at),
         "next_resend_at": time(v.next_resend_at),
+        "next_call_at": v.next_call_at.map(time),
         "attempts_left": v.attempts_left,
         "status": v.state.as_str(),
         "can_fallback": v.can_fallback,
@@ -198,6 +262,7 @@ fn locale(body: Option<String>, headers: &HeaderMap) -> Option<String> {
 
 async fn start(
     State(s): State<ApiState>,
+    Client(origin): Client,
     headers: HeaderMap,
     ApiJson(body): ApiJson<StartBody>,
 ) -> Response {
@@ -211,11 +276,18 @@ async fn start(
                 accepted_terms: body.accept_terms,
                 fallback: body.fallback,
                 locale: locale(body.locale, &headers),
+                origin,
             })
             .await
     }
     .await;
     match result {
+        Ok(v) if v.replayed => {
+            let mut r = (StatusCode::OK, Json(verification_json(&v))).into_response();
+            r.headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+            r
+        }
         Ok(v) => (StatusCode::CREATED, Json(verification_json(&v))).into_response(),
         Err(e) => s.problem(e).into_response(),
     }
@@ -247,12 +319,18 @@ struct ResendBody {
 
 async fn resend(
     State(s): State<ApiState>,
+    Client(origin): Client,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<ResendBody>,
 ) -> Response {
     let result = async {
         s.registrar
-            .resend(&verification_id(&id)?, body.challenge, body.fallback)
+            .resend(
+                &verification_id(&id)?,
+                body.challenge,
+                body.fallback,
+                &origin,
+            )
             .await
     }
     .await;
@@ -270,6 +348,7 @@ struct CodeBody {
 
 async fn verify(
     State(s): State<ApiState>,
+    Client(origin): Client,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<CodeBody>,
 ) -> Response {
@@ -280,7 +359,7 @@ async fn verify(
             .parse()
             .map_err(|e: crate::registrar::BadCode| Error::BadRequest(e.to_string()))?;
         let key = UserKey::parse(&body.public_key)?;
-        s.registrar.verify(&id, &code, key).await
+        s.registrar.verify(&id, &code, key, &origin).await
     }
     .await;
     match result {

@@ -92,6 +92,9 @@ impl Problem {
                     Refusal::RegistrationClosed => "registration-closed",
                     Refusal::TermsNotAccepted { .. } => "terms-not-accepted",
                     Refusal::DestinationBlocked => "destination-blocked",
+                    Refusal::CountryNotServed => "country-not-served",
+                    Refusal::PrefixNotServed => "prefix-not-served",
+                    Refusal::AddressBlocked => "address-blocked",
                 };
                 let p = Self::new(StatusCode::FORBIDDEN, name, "Not allowed", detail);
                 match r {
@@ -99,10 +102,23 @@ impl Problem {
                     _ => p,
                 }
             }
-            Error::RateLimited { .. } => Self::new(
+            Error::RateLimited { limit, .. } => Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate-limited",
                 "Too many requests",
+                detail,
+            )
+            .with("limit", json!(limit.as_str())),
+            Error::LimitsUnavailable { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "limits-unavailable",
+                "Temporarily unavailable",
+                detail,
+            ),
+            Error::IdempotencyKeyReused => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency-key-reused",
+                "Idempotency key reused",
                 detail,
             ),
             Error::WrongCode { attempts_left } => Self::new(
@@ -194,6 +210,8 @@ mod tests {
     use super::*;
     use crate::openpgp::KeyError;
     use crate::phone::PhoneError;
+    use crate::registrar::Limit;
+    use crate::registrar::abuse::Scope;
 
     fn body(p: Problem) -> (StatusCode, Option<String>, Value) {
         let r = p.into_response();
@@ -246,7 +264,35 @@ mod tests {
                 403,
                 "terms-not-accepted",
             ),
-            (Error::RateLimited { retry_at: later }, 429, "rate-limited"),
+            (
+                Error::RateLimited {
+                    retry_at: later,
+                    limit: Limit::Rate(Scope::Ip),
+                },
+                429,
+                "rate-limited",
+            ),
+            (
+                Error::LimitsUnavailable { retry_at: later },
+                503,
+                "limits-unavailable",
+            ),
+            (Error::IdempotencyKeyReused, 422, "idempotency-key-reused"),
+            (
+                Error::NotAllowed(Refusal::CountryNotServed),
+                403,
+                "country-not-served",
+            ),
+            (
+                Error::NotAllowed(Refusal::PrefixNotServed),
+                403,
+                "prefix-not-served",
+            ),
+            (
+                Error::NotAllowed(Refusal::AddressBlocked),
+                403,
+                "address-blocked",
+            ),
             (Error::WrongCode { attempts_left: 3 }, 422, "wrong-code"),
             (Error::Locked { retry_at: later }, 429, "locked"),
             (Error::NotFound, 404, "not-found"),
@@ -262,7 +308,7 @@ mod tests {
             assert_eq!(v["type"], format!("{TYPE_PREFIX}{name}"), "{e:?}");
             assert_eq!(v["status"], status);
             assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()));
-            if status == 429 {
+            if status == 429 || status == 503 {
                 assert_eq!(retry.as_deref(), Some("90"), "{e:?}");
                 assert!(v["retry_at"].is_string());
             } else {
@@ -294,12 +340,16 @@ mod tests {
         let (_, r, _) = body(Problem::from_error(
             &Error::RateLimited {
                 retry_at: now + chrono::Duration::milliseconds(1500),
+                limit: Limit::ResendWait,
             },
             now,
         ));
         assert_eq!(r.as_deref(), Some("2"));
         let (_, r, _) = body(Problem::from_error(
-            &Error::RateLimited { retry_at: now },
+            &Error::RateLimited {
+                retry_at: now,
+                limit: Limit::ResendWait,
+            },
             now,
         ));
         assert_eq!(r.as_deref(), Some("1"));

@@ -18,6 +18,60 @@ pub enum Refusal {
     },
     /// The provider refuses this destination.
     DestinationBlocked,
+    /// The number's calling code is not served (allow or deny list).
+    CountryNotServed,
+    /// The number's prefix is not served (allow or deny list).
+    PrefixNotServed,
+    /// The client's address is on the deny list.
+    AddressBlocked,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The wait between two messages of one verification.
+    ResendWait,
+    /// Another request for this number is being served.
+    InFlight,
+    /// A rate of one scope (see [`Scope`](super::abuse::Scope)).
+    Rate(super::abuse::Scope),
+    /// The number's prefix is blocked for SMS pumping.
+    PrefixBlocked,
+    /// The day's cap of messages to the number's country is reached.
+    CountryDailyCap,
+    /// The day's cap of all messages is reached.
+    DailyCap,
+}
+
+impl Limit {
+    /// The stable name transports show (`resend-wait`, `ip`, `number`, `prefix`, `country`,
+    /// `global`, `prefix-blocked`, `country-daily-cap`, `daily-cap`, `in-flight`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Limit::ResendWait => "resend-wait",
+            Limit::InFlight => "in-flight",
+            Limit::Rate(scope) => scope.as_str(),
+            Limit::PrefixBlocked => "prefix-blocked",
+            Limit::CountryDailyCap => "country-daily-cap",
+            Limit::DailyCap => "daily-cap",
+        }
+    }
+
+    fn text(self) -> &'static str {
+        use super::abuse::Scope;
+        match self {
+            Limit::ResendWait => "a new message for this verification is not allowed yet",
+            Limit::InFlight => "another request for this number is being served",
+            Limit::Rate(Scope::Ip) => "too many requests from this address",
+            Limit::Rate(Scope::Number) => "too many requests for this number",
+            Limit::Rate(Scope::Prefix) => "too many requests for numbers of this range",
+            Limit::Rate(Scope::Country) => "too many requests for numbers of this country",
+            Limit::Rate(Scope::Global) => "the service is receiving too many requests",
+            Limit::PrefixBlocked => "numbers of this range are suspended after suspicious traffic",
+            Limit::CountryDailyCap => "the daily limit of messages to this country is reached",
+            Limit::DailyCap => "the daily limit of messages is reached",
+        }
+    }
 }
 
 /// Everything the core can answer instead of a result.
@@ -36,11 +90,22 @@ pub enum Error {
     #[error("{}", refusal_text(.0))]
     NotAllowed(Refusal),
     /// Too many requests: try again at `retry_at`.
-    #[error("too many requests; try again after {}", .retry_at.to_rfc3339())]
+    #[error("{}; try again after {}", .limit.text(), .retry_at.to_rfc3339())]
     RateLimited {
         /// When trying again can succeed.
         retry_at: DateTime<Utc>,
+        /// Which limit refused.
+        limit: Limit,
     },
+    /// The limits could not be read and the service fails closed.
+    #[error("the service cannot check its limits right now; try again after {}", .retry_at.to_rfc3339())]
+    LimitsUnavailable {
+        /// When trying again can succeed.
+        retry_at: DateTime<Utc>,
+    },
+    /// The `Idempotency-Key` was used before for another request.
+    #[error("this Idempotency-Key was used for another request")]
+    IdempotencyKeyReused,
     /// The code does not match.
     #[error("wrong code; {attempts_left} attempts left")]
     WrongCode {
@@ -80,6 +145,9 @@ fn refusal_text(r: &Refusal) -> String {
             format!("the terms of service ({url}) must be accepted")
         }
         Refusal::DestinationBlocked => "this number cannot receive verifications".into(),
+        Refusal::CountryNotServed => "numbers of this country are not served".into(),
+        Refusal::PrefixNotServed => "numbers of this range are not served".into(),
+        Refusal::AddressBlocked => "requests from this address are refused".into(),
     }
 }
 
@@ -87,7 +155,9 @@ impl Error {
     /// When a retry can succeed, for errors that have such a time.
     pub fn retry_at(&self) -> Option<DateTime<Utc>> {
         match self {
-            Error::RateLimited { retry_at } | Error::Locked { retry_at } => Some(*retry_at),
+            Error::RateLimited { retry_at, .. }
+            | Error::Locked { retry_at }
+            | Error::LimitsUnavailable { retry_at } => Some(*retry_at),
             _ => None,
         }
     }

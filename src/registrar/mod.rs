@@ -10,8 +10,10 @@
 //! is settled by the store (a unique number, a conditional update), so that instances behind one
 //! database agree.
 
+pub mod abuse;
 pub mod dispatch;
 mod error;
+mod guard;
 pub mod templates;
 mod types;
 
@@ -24,8 +26,10 @@ use registrar_providers::{
     ReceiptRequest,
 };
 
+pub use abuse::AbuseSettings;
 pub use dispatch::{DispatchSettings, Dispatcher, Route};
-pub use error::{Error, Refusal};
+pub use error::{Error, Limit, Refusal};
+pub use guard::{Origin, SpendLine};
 pub use registrar_providers::Challenge;
 pub use templates::Templates;
 pub use types::{BadCode, BadVerificationId, CODE_LENGTHS, Code, VerificationId};
@@ -50,8 +54,13 @@ pub struct Settings {
     pub code_length: usize,
     /// How long a code is valid.
     pub lifetime: Duration,
-    /// Wait between two messages to one verification.
+    /// Wait after the first message of a verification before another; it doubles with each
+    /// message (Signal's escalating waits) up to `resend_wait_max`.
     pub resend_wait: Duration,
+    /// The longest wait between two messages.
+    pub resend_wait_max: Duration,
+    /// Wait after a message before a voice call or missed call may replace it.
+    pub call_wait: Duration,
     /// Code submissions per requester before it is refused (the HTTP client holding the id is
     /// one requester; over XMPP each JID is one).
     pub max_attempts: u32,
@@ -67,6 +76,8 @@ pub struct Settings {
     pub default_challenge: Challenge,
     /// Message texts.
     pub templates: Templates,
+    /// Rate limits, lists, pumping defence, caps, test numbers.
+    pub abuse: AbuseSettings,
 }
 
 impl Default for Settings {
@@ -77,6 +88,8 @@ impl Default for Settings {
             code_length: 6,
             lifetime: Duration::from_secs(600),
             resend_wait: Duration::from_secs(60),
+            resend_wait_max: Duration::from_secs(600),
+            call_wait: Duration::from_secs(60),
             max_attempts: 5,
             max_attempts_total: 15,
             open: true,
@@ -84,6 +97,7 @@ impl Default for Settings {
             service_name: "Kontalk".into(),
             default_challenge: Challenge::Pin,
             templates: Templates::default(),
+            abuse: AbuseSettings::default(),
         }
     }
 }
@@ -103,6 +117,8 @@ pub struct StartRequest {
     pub fallback: bool,
     /// The client's language, for the message text.
     pub locale: Option<String>,
+    /// Who asks.
+    pub origin: Origin,
 }
 
 /// Where a verification stands.
@@ -146,8 +162,11 @@ pub struct Verification {
     pub code_length: u32,
     /// When the code expires.
     pub expires_at: DateTime<Utc>,
-    /// When a resend is allowed.
+    /// When a resend with the same challenge is allowed.
     pub next_resend_at: DateTime<Utc>,
+    /// When a voice call or missed call may replace the text message (`None`: no provider
+    /// offers one, or the verification already uses one).
+    pub next_call_at: Option<DateTime<Utc>>,
     /// Code submissions left.
     pub attempts_left: u32,
     /// Where it stands.
@@ -156,6 +175,8 @@ pub struct Verification {
     pub can_fallback: bool,
     /// What the provider's last delivery receipt said, if one came.
     pub delivery: Option<String>,
+    /// Whether this answers a repeated start (nothing was sent again).
+    pub replayed: bool,
 }
 
 /// A completed registration.
@@ -180,6 +201,9 @@ pub struct Registrar {
     secret: ServerSecret,
     clock: Arc<dyn Clock>,
 }
+
+/// The provider name recorded for test numbers.
+pub const TEST_PROVIDER: &str = "test-number";
 
 fn ts(t: DateTime<Utc>) -> i64 {
     t.timestamp()
@@ -238,13 +262,26 @@ impl Registrar {
     pub async fn parse_phone(&self, input: &str) -> Result<PhoneNumber, Error> {
         let policy = self.settings.phone_policy.clone();
         let input = input.to_owned();
-        tokio::task::spawn_blocking(move || policy.parse(&input))
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "phone parsing task failed");
-                Error::Internal
-            })?
-            .map_err(Error::from)
+        let parsed = tokio::task::spawn_blocking(move || {
+            policy.parse(&input).map_err(|e| {
+                // A listed test number passes even where fictional numbers are refused.
+                let lenient = PhonePolicy {
+                    accept_fictional: true,
+                    ..policy.clone()
+                };
+                (e, lenient.parse(&input).ok())
+            })
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "phone parsing task failed");
+            Error::Internal
+        })?;
+        match parsed {
+            Ok(phone) => Ok(phone),
+            Err((_, Some(phone))) if self.is_test_number(phone.as_str()) => Ok(phone),
+            Err((e, _)) => Err(e.into()),
+        }
     }
 
     /// The providers to try for `challenge` to `phone`: with `fallback`, skipping the first
@@ -295,8 +332,10 @@ impl Registrar {
         self.secret.pseudonym("phone", phone)
     }
 
-    /// Starts verifying a number: refuses an existing account without `force`, stores the
-    /// verification, then has a provider deliver the code.
+    /// Starts verifying a number: applies the lists and limits, refuses an existing account
+    /// without `force`, stores the verification, then has a provider deliver the code. A repeat
+    /// of a start (the same `Idempotency-Key`, or the same number from the same client within
+    /// the repeat window) returns the verification instead of sending again.
     pub async fn start(&self, req: StartRequest) -> Result<Verification, Error> {
         if !self.settings.open {
             return Err(Error::NotAllowed(Refusal::RegistrationClosed));
@@ -308,24 +347,51 @@ impl Registrar {
                 url: url.clone(),
             }));
         }
+        self.check_lists(&req.phone, &req.origin)?;
+        let now = self.clock.now();
+        let client = self.client_id(&req.origin);
+        let idempotency_key = self.idempotency_id(&req.origin);
+        if let Some(v) = self
+            .repeated_start(&req, client.as_deref(), idempotency_key.as_deref(), now)
+            .await?
+        {
+            tracing::info!(verification = %v.id, "repeated start answered with the verification");
+            return Ok(Verification {
+                replayed: true,
+                ..self.view(&v)
+            });
+        }
+        // Before the account check: a `conflict` tells that a number is registered, so asking
+        // costs as much as a message.
+        self.throttle(abuse::Action::Start, &req.phone, &req.origin)
+            .await?;
         let account = req.phone.account();
         if !req.force && self.store.account(account.as_str()).await?.is_some() {
             return Err(Error::Conflict);
         }
+        let test = self.is_test_number(req.phone.as_str());
         let challenge = req.challenge.unwrap_or(self.settings.default_challenge);
-        let (candidates, can_fallback) =
-            self.candidates(&req.phone, challenge, req.fallback, None)?;
-        let now = self.clock.now();
+        let (candidates, can_fallback) = if test {
+            (Vec::new(), false)
+        } else {
+            self.candidates(&req.phone, challenge, req.fallback, None)?
+        };
         let replaces = match self.store.verification_by_phone(req.phone.as_str()).await? {
             Some(old) if old.expires_at > ts(now) && old.verified_at.is_none() => {
-                self.refuse_if_waiting(&old, now)?;
+                self.refuse_if_waiting(&old, challenge, now)?;
                 Some(old.id)
             }
             Some(old) => Some(old.id),
             None => None,
         };
+        let reserved = if test {
+            Vec::new()
+        } else {
+            self.check_pumping(&req.phone).await?;
+            self.reserve_message(&req.phone).await?
+        };
         let id = VerificationId::generate();
-        let code = Code::generate(self.settings.code_length);
+        let code = self.new_code(req.phone.as_str());
         let record = VerificationRecord {
             id: id.as_str().to_owned(),
             phone: req.phone.as_str().to_owned(),
@@ -342,12 +408,15 @@ impl Registrar {
             sends: 1,
             created_at: ts(now),
             expires_at: ts(now) + secs(self.settings.lifetime),
-            next_resend_at: ts(now) + secs(self.settings.resend_wait),
+            next_resend_at: ts(now) + secs(self.resend_wait(1)),
             verified_at: None,
             result_fingerprint: None,
             result_key: None,
             locale: req.locale.clone(),
             delivery_state: None,
+            client,
+            idempotency_key,
+            last_sent_at: Some(ts(now)),
         };
         match self
             .store
@@ -356,14 +425,22 @@ impl Registrar {
         {
             Ok(()) => {}
             Err(StoreError::Conflict) => {
-                // Another start for this number won the race: its message is on the way.
+                self.release_message(&reserved).await;
+                // Another start for this number (or with this idempotency key) won the race:
+                // its message is on the way.
                 let retry_at = match self.store.verification_by_phone(req.phone.as_str()).await? {
                     Some(other) => at(other.next_resend_at),
                     None => now + chrono::Duration::seconds(1),
                 };
-                return Err(Error::RateLimited { retry_at });
+                return Err(Error::RateLimited {
+                    retry_at,
+                    limit: Limit::InFlight,
+                });
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.release_message(&reserved).await;
+                return Err(e.into());
+            }
         }
         tracing::info!(
             verification = %id,
@@ -371,6 +448,7 @@ impl Registrar {
             country = req.phone.calling_code(),
             %challenge,
             force = req.force,
+            test,
             "verification started"
         );
         match self.deliver(&record, &code, &candidates).await {
@@ -379,6 +457,7 @@ impl Registrar {
                 ..self.view(&record)
             }),
             Err(e) => {
+                self.release_message(&reserved).await;
                 // Nothing reached the user: drop the verification so that the client can start
                 // again at once.
                 self.store.delete_verification(id.as_str()).await?;
@@ -387,19 +466,107 @@ impl Registrar {
         }
     }
 
-    /// Refuses a new message while a live verification is locked or inside its resend wait.
-    fn refuse_if_waiting(&self, v: &VerificationRecord, now: DateTime<Utc>) -> Result<(), Error> {
+    /// The live verification a repeated start refers to: the one started with the same
+    /// idempotency key (for the same number, else the key is misused), or the pending one of
+    /// this number started by the same client within the repeat window.
+    async fn repeated_start(
+        &self,
+        req: &StartRequest,
+        client: Option<&str>,
+        idempotency_key: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<Option<VerificationRecord>, Error> {
+        if let Some(key) = idempotency_key
+            && let Some(v) = self.store.verification_by_idempotency_key(key).await?
+        {
+            if v.expires_at <= ts(now) {
+                // Expired and not purged yet: the key is free again.
+                self.store.delete_verification(&v.id).await?;
+            } else if v.phone != req.phone.as_str() || v.force != req.force {
+                return Err(Error::IdempotencyKeyReused);
+            } else {
+                return Ok(Some(v));
+            }
+        }
+        let Some(client) = client else {
+            return Ok(None);
+        };
+        let window = secs(self.settings.abuse.repeat_window);
+        Ok(self
+            .store
+            .verification_by_phone(req.phone.as_str())
+            .await?
+            .filter(|v| {
+                v.expires_at > ts(now)
+                    && v.verified_at.is_none()
+                    && !self.locked(v)
+                    && v.client.as_deref() == Some(client)
+                    && v.force == req.force
+                    && req.challenge.is_none_or(|c| c == v.challenge)
+                    && v.last_sent_at.unwrap_or(v.created_at) + window > ts(now)
+            }))
+    }
+
+    /// A fresh code, or a test number's fixed code.
+    fn new_code(&self, phone: &str) -> Code {
+        self.settings
+            .abuse
+            .test_numbers
+            .get(phone)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| Code::generate(self.settings.code_length))
+    }
+
+    /// The wait after the `sends`-th message: the first wait, doubled with each message, capped.
+    fn resend_wait(&self, sends: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(sends.saturating_sub(1).min(16))
+            .unwrap_or(u32::MAX);
+        self.settings
+            .resend_wait
+            .saturating_mul(factor)
+            .min(self.settings.resend_wait_max.max(self.settings.resend_wait))
+    }
+
+    /// Refuses a new message while a live verification is locked or inside its wait: the
+    /// resend wait, or the shorter call wait when a text message is to be replaced by a call.
+    fn refuse_if_waiting(
+        &self,
+        v: &VerificationRecord,
+        challenge: Challenge,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
         if self.locked(v) {
             return Err(Error::Locked {
                 retry_at: at(v.expires_at),
             });
         }
-        if v.next_resend_at > ts(now) {
+        let allowed_at = match self.next_call_at(v) {
+            Some(call_at) if challenge != Challenge::Pin && v.challenge == Challenge::Pin => {
+                call_at.min(at(v.next_resend_at))
+            }
+            _ => at(v.next_resend_at),
+        };
+        if allowed_at > now {
             return Err(Error::RateLimited {
-                retry_at: at(v.next_resend_at),
+                retry_at: allowed_at,
+                limit: Limit::ResendWait,
             });
         }
         Ok(())
+    }
+
+    /// When a call may replace the text message of `v`, if some provider offers a call.
+    fn next_call_at(&self, v: &VerificationRecord) -> Option<DateTime<Utc>> {
+        if v.challenge != Challenge::Pin || self.is_test_number(&v.phone) {
+            return None;
+        }
+        let offered = self
+            .dispatcher
+            .challenges()
+            .iter()
+            .any(|c| *c != Challenge::Pin);
+        offered.then(|| at(v.last_sent_at.unwrap_or(v.created_at) + secs(self.settings.call_wait)))
     }
 
     /// Sends `code` for `record` through the first of `candidates` that takes it, and records
@@ -411,6 +578,23 @@ impl Registrar {
         candidates: &[Arc<dyn Provider>],
     ) -> Result<VerificationRecord, Error> {
         let now = self.clock.now();
+        if self.is_test_number(&record.phone) {
+            // A test number's fixed code never reaches a provider.
+            let d = DeliveryRecord {
+                provider: TEST_PROVIDER.to_owned(),
+                provider_ref: None,
+                sender: TEST_PROVIDER.to_owned(),
+                code_hash: None,
+                code_length: record.code_length,
+            };
+            self.store.record_delivery(&record.id, &d).await?;
+            tracing::info!(verification = %record.id, "test number: nothing sent");
+            return Ok(VerificationRecord {
+                provider: Some(d.provider),
+                sender: Some(d.sender),
+                ..record.clone()
+            });
+        }
         let valid_for =
             Duration::from_secs(u64::try_from(record.expires_at - ts(now)).unwrap_or(0));
         let message = Outgoing {
@@ -467,6 +651,10 @@ impl Registrar {
             challenge = %record.challenge,
             "challenge delivered"
         );
+        if let Some(phone) = PhoneNumber::from_stored(&record.phone) {
+            self.count_sent(&phone, provider.name(), record.challenge)
+                .await;
+        }
         Ok(updated)
     }
 
@@ -532,6 +720,11 @@ impl Registrar {
             code_length: v.code_length,
             expires_at: at(v.expires_at),
             next_resend_at: at(v.next_resend_at),
+            next_call_at: if v.verified_at.is_none() {
+                self.next_call_at(v)
+            } else {
+                None
+            },
             attempts_left: self.settings.max_attempts.saturating_sub(v.attempts).min(
                 self.settings
                     .max_attempts_total
@@ -540,22 +733,25 @@ impl Registrar {
             state,
             can_fallback: false,
             delivery: v.delivery_state.clone(),
+            replayed: false,
         }
     }
 
     /// Sends a fresh code for verification `id`, with another challenge if given, once the
-    /// resend wait has passed.
+    /// resend wait (or, to replace a text message by a call, the call wait) has passed.
     pub async fn resend(
         &self,
         id: &VerificationId,
         challenge: Option<Challenge>,
         fallback: bool,
+        origin: &Origin,
     ) -> Result<Verification, Error> {
         let v = self.live(id).await?;
         if v.verified_at.is_some() {
             return Err(Error::AlreadyVerified);
         }
         let now = self.clock.now();
+        let challenge = challenge.unwrap_or(v.challenge);
         // The provider reported the last message undeliverable: the user will not get it, so
         // waiting for the resend time helps nobody, and the next message goes elsewhere.
         let undelivered = v.delivery_state.as_deref() == Some(DeliveryState::Failed.as_str());
@@ -564,50 +760,71 @@ impl Registrar {
                 retry_at: at(v.expires_at),
             });
         } else if !undelivered {
-            self.refuse_if_waiting(&v, now)?;
+            self.refuse_if_waiting(&v, challenge, now)?;
         }
-        let challenge = challenge.unwrap_or(v.challenge);
         let phone = PhoneNumber::from_stored(&v.phone).ok_or_else(|| {
             tracing::error!(verification = %v.id, "stored number does not parse");
             Error::Internal
         })?;
-        let (candidates, can_fallback) = self.candidates(
-            &phone,
-            challenge,
-            fallback || undelivered,
-            v.provider.as_deref(),
-        )?;
-        let code = Code::generate(self.settings.code_length);
+        self.check_lists(&phone, origin)?;
+        self.throttle(abuse::Action::Resend, &phone, origin).await?;
+        let test = self.is_test_number(&v.phone);
+        let (candidates, can_fallback) = if test {
+            (Vec::new(), false)
+        } else {
+            self.candidates(
+                &phone,
+                challenge,
+                fallback || undelivered,
+                v.provider.as_deref(),
+            )?
+        };
+        let reserved = if test {
+            Vec::new()
+        } else {
+            self.check_pumping(&phone).await?;
+            self.reserve_message(&phone).await?
+        };
+        let code = self.new_code(&v.phone);
         let renewal = Renewal {
             challenge,
             code_hash: self.secret.code_hash(&v.id, code.as_str()),
             code_length: code.as_str().len() as u32,
             expires_at: ts(now) + secs(self.settings.lifetime),
-            next_resend_at: ts(now) + secs(self.settings.resend_wait),
+            next_resend_at: ts(now) + secs(self.resend_wait(v.sends + 1)),
+            sent_at: ts(now),
         };
         if !self.store.renew_code(&v.id, v.sends, &renewal).await? {
+            self.release_message(&reserved).await;
             // A concurrent resend (or completion) got there first.
             let retry_at = match self.store.verification(&v.id).await? {
                 Some(now_v) if now_v.verified_at.is_none() => at(now_v.next_resend_at),
                 Some(_) => return Err(Error::AlreadyVerified),
                 None => return Err(Error::NotFound),
             };
-            return Err(Error::RateLimited { retry_at });
+            return Err(Error::RateLimited {
+                retry_at,
+                limit: Limit::InFlight,
+            });
         }
-        let mut renewed = v.clone();
-        renewed.challenge = challenge;
-        renewed.code_hash = Some(renewal.code_hash);
-        renewed.code_length = renewal.code_length;
-        renewed.expires_at = renewal.expires_at;
-        renewed.next_resend_at = renewal.next_resend_at;
-        renewed.sends += 1;
-        renewed.delivery_state = None;
+        let renewed = VerificationRecord {
+            challenge,
+            code_hash: Some(renewal.code_hash),
+            code_length: renewal.code_length,
+            expires_at: renewal.expires_at,
+            next_resend_at: renewal.next_resend_at,
+            sends: v.sends + 1,
+            delivery_state: None,
+            last_sent_at: Some(renewal.sent_at),
+            ..v.clone()
+        };
         match self.deliver(&renewed, &code, &candidates).await {
             Ok(r) => Ok(Verification {
                 can_fallback,
                 ..self.view(&r)
             }),
             Err(e) => {
+                self.release_message(&reserved).await;
                 // The new code did not go out: let the client ask again at once.
                 self.store.allow_resend(&v.id, ts(now)).await?;
                 Err(e)
@@ -640,9 +857,10 @@ impl Registrar {
         id: &VerificationId,
         code: &Code,
         key: UserKey,
+        origin: &Origin,
     ) -> Result<Registered, Error> {
         let v = self.live(id).await?;
-        self.check_and_complete(v, code, key, Requester::Holder)
+        self.check_and_complete(v, code, key, Requester::Holder, origin)
             .await
     }
 
@@ -670,7 +888,7 @@ impl Registrar {
             return Err(Error::NotFound);
         };
         let who = self.secret.pseudonym("requester", requester);
-        self.check_and_complete(v, code, key, Requester::Peer(&who))
+        self.check_and_complete(v, code, key, Requester::Peer(&who), &Origin::jid(requester))
             .await
     }
 
@@ -680,6 +898,7 @@ impl Registrar {
         code: &Code,
         key: UserKey,
         requester: Requester<'_>,
+        origin: &Origin,
     ) -> Result<Registered, Error> {
         let id = VerificationId::from_stored(&v.id);
         let account = AccountId::for_stored(&v.account);
@@ -710,6 +929,13 @@ impl Registrar {
                 retry_at: at(v.expires_at),
             });
         }
+        let phone = PhoneNumber::from_stored(&v.phone).ok_or_else(|| {
+            tracing::error!(verification = %v.id, "stored number does not parse");
+            Error::Internal
+        })?;
+        // Tries per number (across verifications) and per client, besides the verification's
+        // own budget.
+        self.throttle(abuse::Action::Check, &phone, origin).await?;
         // Spend the try before comparing, so that parallel guesses cannot outrun the counter.
         let Some(spent) = self
             .store
@@ -752,6 +978,9 @@ impl Registrar {
         };
         match self.store.complete(&v.id, &v.account, &completion).await? {
             CompleteOutcome::Done => {
+                if !self.is_test_number(&v.phone) {
+                    self.count_completed(&phone, v.created_at).await;
+                }
                 tracing::info!(
                     verification = %v.id,
                     account = %account,

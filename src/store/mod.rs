@@ -14,6 +14,8 @@ pub use sqlite::SqliteStore;
 
 use registrar_providers::Challenge;
 
+use crate::registrar::abuse::Rate;
+
 /// A verification as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerificationRecord {
@@ -59,6 +61,12 @@ pub struct VerificationRecord {
     pub locale: Option<String>,
     /// What the last delivery receipt said (`delivered`, `failed`, `pending`).
     pub delivery_state: Option<String>,
+    /// Keyed hash of the client that started it (its IP network or JID).
+    pub client: Option<String>,
+    /// Keyed hash of the start request's `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+    /// When the last message went out.
+    pub last_sent_at: Option<i64>,
 }
 
 /// An account as stored.
@@ -89,6 +97,68 @@ pub struct Renewal {
     pub expires_at: i64,
     /// Next resend.
     pub next_resend_at: i64,
+    /// Now: when this message goes out.
+    pub sent_at: i64,
+}
+
+/// How long traffic counters are kept (the pumping window cannot be longer).
+pub const TRAFFIC_RETENTION: i64 = 7 * 86_400;
+
+/// How long the spend report's daily counts are kept.
+pub const SPEND_RETENTION: i64 = 400 * 86_400;
+
+/// A rate-limit bucket to take one event from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateBucket {
+    /// The bucket (action, scope and value; numbers and IPs as keyed hashes).
+    pub key: String,
+    /// Its rate.
+    pub rate: Rate,
+}
+
+/// A prefix blocked by the pumping defence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRecord {
+    /// What is blocked (`prefix:<digits>`).
+    pub scope: String,
+    /// Until when.
+    pub until: i64,
+    /// Why.
+    pub reason: String,
+    /// Since when.
+    pub created_at: i64,
+}
+
+/// A message that went out, for the traffic and spend counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentRecord {
+    /// Traffic scopes to count it under (`prefix:<digits>`, `country:<code>`).
+    pub scopes: Vec<String>,
+    /// Its ten-minute bucket.
+    pub bucket: i64,
+    /// Its UTC day.
+    pub day: i64,
+    /// The provider.
+    pub provider: String,
+    /// The calling code.
+    pub country: String,
+    /// The challenge.
+    pub challenge: Challenge,
+}
+
+/// Messages of one day, provider, calling code and challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendRecord {
+    /// UTC day (Unix days).
+    pub day: i64,
+    /// Provider.
+    pub provider: String,
+    /// Calling code.
+    pub country: String,
+    /// Challenge.
+    pub challenge: Challenge,
+    /// Messages.
+    pub messages: u64,
 }
 
 /// What the provider reported for a delivery.
@@ -233,8 +303,69 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> Result<bool, StoreError>;
 
-    /// Deletes verifications that expired before `now`; how many.
+    /// Deletes verifications that expired before `now` (how many), and counters that no
+    /// window or report needs any more.
     async fn purge_expired(&self, now: i64) -> Result<u64, StoreError>;
+
+    /// Takes one event from every bucket at `now_ms` (milliseconds), all or none, in one
+    /// transaction: `None` when taken, else the refusing bucket with the latest time a retry
+    /// can succeed (ms).
+    async fn take_rates(
+        &self,
+        buckets: &[RateBucket],
+        now_ms: i64,
+    ) -> Result<Option<(usize, i64)>, StoreError>;
+
+    /// The verification started with the (hashed) idempotency key `key`.
+    async fn verification_by_idempotency_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<VerificationRecord>, StoreError>;
+
+    /// Until when `scope` is blocked, if it is at `now`.
+    async fn block_until(&self, scope: &str, now: i64) -> Result<Option<i64>, StoreError>;
+
+    /// Blocks `scope` until `until`.
+    async fn add_block(
+        &self,
+        scope: &str,
+        until: i64,
+        reason: &str,
+        now: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Lifts the block of `scope`; whether there was one.
+    async fn remove_block(&self, scope: &str) -> Result<bool, StoreError>;
+
+    /// The blocks in force at `now`.
+    async fn blocks(&self, now: i64) -> Result<Vec<BlockRecord>, StoreError>;
+
+    /// Messages sent and verifications completed under `scope` from ten-minute bucket
+    /// `since_bucket` on.
+    async fn traffic(&self, scope: &str, since_bucket: i64) -> Result<(u64, u64), StoreError>;
+
+    /// Reserves one message of UTC day `day` under every `(scope, cap)`, all or none, never
+    /// passing a cap: `None` when reserved, else the index of the cap that is reached.
+    async fn reserve_daily(
+        &self,
+        caps: &[(String, u32)],
+        day: i64,
+    ) -> Result<Option<usize>, StoreError>;
+
+    /// Gives back reservations of a message that did not go out.
+    async fn release_daily(&self, scopes: &[String], day: i64) -> Result<(), StoreError>;
+
+    /// Messages reserved on UTC day `day`, per scope.
+    async fn daily_sends(&self, day: i64) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// Counts a message that went out.
+    async fn record_sent(&self, s: &SentRecord) -> Result<(), StoreError>;
+
+    /// Counts a completed verification under `scopes` in bucket `bucket`.
+    async fn record_completed(&self, scopes: &[String], bucket: i64) -> Result<(), StoreError>;
+
+    /// The spend counters from UTC day `since_day` on.
+    async fn spend(&self, since_day: i64) -> Result<Vec<SpendRecord>, StoreError>;
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;

@@ -11,9 +11,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
 use super::sql::{db, migration_error};
 use super::{
-    AccountRecord, CompleteOutcome, Completion, DeliveryRecord, Renewal, Requester, Store,
-    StoreError, TryLimits, VerificationRecord,
+    AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, RateBucket, Renewal,
+    Requester, SentRecord, SpendRecord, Store, StoreError, TryLimits, VerificationRecord,
 };
+use crate::registrar::abuse;
 
 /// A PostgreSQL database.
 #[derive(Clone, Debug)]
@@ -51,4 +52,4 @@ impl PgStore {
     }
 }
 
-super::sql::sql_store!(PgStore, PgRow, "BEGIN", "postgres");
+super::sql::sql_store!(PgStore, PgRow, "BEGIN", "postgres", " FOR UPDATE");

@@ -22,7 +22,8 @@ macro_rules! select_verification {
             "SELECT id, phone, account, challenge, force, code_hash, code_length, provider, ",
             "provider_ref, sender, attempts, total_attempts, sends, created_at, expires_at, ",
             "next_resend_at, ",
-            "verified_at, result_fingerprint, result_key, locale, delivery_state ",
+            "verified_at, result_fingerprint, result_key, locale, delivery_state, client, ",
+            "idempotency_key, last_sent_at ",
             "FROM verifications ",
             $clause
         )
@@ -43,7 +44,7 @@ pub(super) fn migration_error(e: sqlx::migrate::MigrateError) -> StoreError {
 
 /// Implements [`Store`](super::Store) for `$store` (a struct with a `pool` field).
 macro_rules! sql_store {
-    ($store:ident, $row:ty, $begin:literal, $kind:literal) => {
+    ($store:ident, $row:ty, $begin:literal, $kind:literal, $for_update:literal) => {
 fn verification_from_row(row: &$row) -> Result<VerificationRecord, StoreError> {
     let get = |e: sqlx::Error| StoreError::Database(e.to_string());
     let challenge: String = row.try_get("challenge").map_err(get)?;
@@ -71,6 +72,9 @@ fn verification_from_row(row: &$row) -> Result<VerificationRecord, StoreError> {
         result_key: row.try_get("result_key").map_err(get)?,
         locale: row.try_get("locale").map_err(get)?,
         delivery_state: row.try_get("delivery_state").map_err(get)?,
+        client: row.try_get("client").map_err(get)?,
+        idempotency_key: row.try_get("idempotency_key").map_err(get)?,
+        last_sent_at: row.try_get("last_sent_at").map_err(get)?,
     })
 }
 
@@ -148,8 +152,10 @@ impl Store for $store {
         sqlx::query(
             "INSERT INTO verifications (id, phone, account, challenge, force, code_hash, \
              code_length, provider, provider_ref, sender, attempts, total_attempts, sends, \
-             created_at, expires_at, next_resend_at, locale) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+             created_at, expires_at, next_resend_at, locale, client, idempotency_key, \
+             last_sent_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19, $20)",
         )
         .bind(&v.id)
         .bind(&v.phone)
@@ -168,6 +174,9 @@ impl Store for $store {
         .bind(v.expires_at)
         .bind(v.next_resend_at)
         .bind(&v.locale)
+        .bind(&v.client)
+        .bind(&v.idempotency_key)
+        .bind(v.last_sent_at)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
@@ -285,7 +294,7 @@ impl Store for $store {
         let done = sqlx::query(
             "UPDATE verifications SET challenge = $3, code_hash = $4, code_length = $5, \
              expires_at = $6, next_resend_at = $7, sends = sends + 1, provider_ref = NULL, \
-             delivery_state = NULL, delivery_updated_at = NULL \
+             delivery_state = NULL, delivery_updated_at = NULL, last_sent_at = $8 \
              WHERE id = $1 AND sends = $2 AND verified_at IS NULL",
         )
         .bind(id)
@@ -295,6 +304,7 @@ impl Store for $store {
         .bind(i64::from(r.code_length))
         .bind(r.expires_at)
         .bind(r.next_resend_at)
+        .bind(r.sent_at)
         .execute(&self.pool)
         .await
         .map_err(db)?;
@@ -385,7 +395,291 @@ impl Store for $store {
             .execute(&self.pool)
             .await
             .map_err(db)?;
+        // Empty rate buckets, and counters older than any window or report needs.
+        let old = [
+            ("DELETE FROM rate_limits WHERE tat < $1", now.saturating_mul(1000)),
+            ("DELETE FROM blocks WHERE until < $1", now),
+            ("DELETE FROM traffic WHERE bucket < $1", abuse::bucket(now - super::TRAFFIC_RETENTION)),
+            ("DELETE FROM daily_sends WHERE day < $1", abuse::day(now) - 2),
+            ("DELETE FROM spend WHERE day < $1", abuse::day(now - super::SPEND_RETENTION)),
+        ];
+        for (query, before) in old {
+            sqlx::query(query).bind(before).execute(&self.pool).await.map_err(db)?;
+        }
         Ok(r.rows_affected())
+    }
+
+    async fn take_rates(
+        &self,
+        buckets: &[RateBucket],
+        now_ms: i64,
+    ) -> Result<Option<(usize, i64)>, StoreError> {
+        if buckets.is_empty() {
+            return Ok(None);
+        }
+        // Lock the rows in one order, so that two transactions never wait for each other in a
+        // cycle (PostgreSQL); SQLite's IMMEDIATE transaction serialises writers anyway.
+        let mut order: Vec<usize> = (0..buckets.len()).collect();
+        order.sort_by(|&a, &b| buckets[a].key.cmp(&buckets[b].key));
+        let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+        let mut next = vec![0i64; buckets.len()];
+        let mut refused: Option<(usize, i64)> = None;
+        for &i in &order {
+            let b = &buckets[i];
+            sqlx::query("INSERT INTO rate_limits (key, tat) VALUES ($1, 0) ON CONFLICT (key) DO NOTHING")
+                .bind(&b.key)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            let tat: i64 = sqlx::query(concat!("SELECT tat FROM rate_limits WHERE key = $1", $for_update))
+                .bind(&b.key)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?
+                .try_get(0)
+                .map_err(db)?;
+            match b.rate.admit(tat, now_ms) {
+                Ok(t) => next[i] = t,
+                Err(retry_at) => {
+                    if refused.is_none_or(|(_, at)| retry_at > at) {
+                        refused = Some((i, retry_at));
+                    }
+                }
+            }
+        }
+        if refused.is_some() {
+            tx.rollback().await.map_err(db)?;
+            return Ok(refused);
+        }
+        for &i in &order {
+            sqlx::query("UPDATE rate_limits SET tat = $2 WHERE key = $1")
+                .bind(&buckets[i].key)
+                .bind(next[i])
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(None)
+    }
+
+    async fn verification_by_idempotency_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<VerificationRecord>, StoreError> {
+        self.verification_where(
+            super::sql::select_verification!("WHERE idempotency_key = $1"),
+            key,
+        )
+        .await
+    }
+
+    async fn block_until(&self, scope: &str, now: i64) -> Result<Option<i64>, StoreError> {
+        let row = sqlx::query("SELECT until FROM blocks WHERE scope = $1 AND until > $2")
+            .bind(scope)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.map(|r| r.try_get::<i64, _>(0).map_err(db)).transpose()
+    }
+
+    async fn add_block(
+        &self,
+        scope: &str,
+        until: i64,
+        reason: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO blocks (scope, until, reason, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (scope) DO UPDATE SET until = excluded.until, reason = excluded.reason, \
+             created_at = excluded.created_at",
+        )
+        .bind(scope)
+        .bind(until)
+        .bind(reason)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn remove_block(&self, scope: &str) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM blocks WHERE scope = $1")
+            .bind(scope)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn blocks(&self, now: i64) -> Result<Vec<BlockRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT scope, until, reason, created_at FROM blocks WHERE until > $1 ORDER BY scope",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok(BlockRecord {
+                    scope: r.try_get("scope").map_err(db)?,
+                    until: r.try_get("until").map_err(db)?,
+                    reason: r.try_get("reason").map_err(db)?,
+                    created_at: r.try_get("created_at").map_err(db)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn traffic(&self, scope: &str, since_bucket: i64) -> Result<(u64, u64), StoreError> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(sent), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(completed), 0) AS BIGINT) \
+             FROM traffic WHERE scope = $1 AND bucket >= $2",
+        )
+        .bind(scope)
+        .bind(since_bucket)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        let sent: i64 = row.try_get(0).map_err(db)?;
+        let completed: i64 = row.try_get(1).map_err(db)?;
+        Ok((sent.max(0) as u64, completed.max(0) as u64))
+    }
+
+    async fn reserve_daily(
+        &self,
+        caps: &[(String, u32)],
+        day: i64,
+    ) -> Result<Option<usize>, StoreError> {
+        if caps.is_empty() {
+            return Ok(None);
+        }
+        let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+        for (i, (scope, cap)) in caps.iter().enumerate() {
+            // One conditional upsert per counter: it moves only while under the cap, so that
+            // concurrent reservations on any instance never pass it.
+            let taken = sqlx::query(
+                "INSERT INTO daily_sends (scope, day, sent) VALUES ($1, $2, 1) \
+                 ON CONFLICT (scope, day) DO UPDATE SET sent = daily_sends.sent + 1 \
+                 WHERE daily_sends.sent < $3",
+            )
+            .bind(scope)
+            .bind(day)
+            .bind(i64::from(*cap))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            if taken.rows_affected() == 0 || *cap == 0 {
+                tx.rollback().await.map_err(db)?;
+                return Ok(Some(i));
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(None)
+    }
+
+    async fn release_daily(&self, scopes: &[String], day: i64) -> Result<(), StoreError> {
+        for scope in scopes {
+            sqlx::query(
+                "UPDATE daily_sends SET sent = sent - 1 WHERE scope = $1 AND day = $2 AND sent > 0",
+            )
+            .bind(scope)
+            .bind(day)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    async fn daily_sends(&self, day: i64) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = sqlx::query("SELECT scope, sent FROM daily_sends WHERE day = $1 ORDER BY scope")
+            .bind(day)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let sent: i64 = r.try_get(1).map_err(db)?;
+                Ok((r.try_get(0).map_err(db)?, sent.max(0) as u64))
+            })
+            .collect()
+    }
+
+    async fn record_sent(&self, s: &SentRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+        for scope in &s.scopes {
+            sqlx::query(
+                "INSERT INTO traffic (scope, bucket, sent, completed) VALUES ($1, $2, 1, 0) \
+                 ON CONFLICT (scope, bucket) DO UPDATE SET sent = traffic.sent + 1",
+            )
+            .bind(scope)
+            .bind(s.bucket)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        sqlx::query(
+            "INSERT INTO spend (day, provider, country, challenge, messages) \
+             VALUES ($1, $2, $3, $4, 1) \
+             ON CONFLICT (day, provider, country, challenge) \
+             DO UPDATE SET messages = spend.messages + 1",
+        )
+        .bind(s.day)
+        .bind(&s.provider)
+        .bind(&s.country)
+        .bind(s.challenge.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn record_completed(&self, scopes: &[String], bucket: i64) -> Result<(), StoreError> {
+        for scope in scopes {
+            sqlx::query(
+                "INSERT INTO traffic (scope, bucket, sent, completed) VALUES ($1, $2, 0, 1) \
+                 ON CONFLICT (scope, bucket) DO UPDATE SET completed = traffic.completed + 1",
+            )
+            .bind(scope)
+            .bind(bucket)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    async fn spend(&self, since_day: i64) -> Result<Vec<SpendRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT day, provider, country, challenge, messages FROM spend WHERE day >= $1 \
+             ORDER BY day, provider, country, challenge",
+        )
+        .bind(since_day)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                let challenge: String = r.try_get("challenge").map_err(db)?;
+                let messages: i64 = r.try_get("messages").map_err(db)?;
+                Ok(SpendRecord {
+                    day: r.try_get("day").map_err(db)?,
+                    provider: r.try_get("provider").map_err(db)?,
+                    country: r.try_get("country").map_err(db)?,
+                    challenge: challenge.parse().map_err(|_| {
+                        StoreError::Database(format!("unknown challenge {challenge:?}"))
+                    })?,
+                    messages: messages.max(0) as u64,
+                })
+            })
+            .collect()
     }
 
     fn kind(&self) -> &'static str {

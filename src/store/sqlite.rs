@@ -13,9 +13,10 @@ use sqlx::sqlite::{
 
 use super::sql::{db, migration_error};
 use super::{
-    AccountRecord, CompleteOutcome, Completion, DeliveryRecord, Renewal, Requester, Store,
-    StoreError, TryLimits, VerificationRecord,
+    AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, RateBucket, Renewal,
+    Requester, SentRecord, SpendRecord, Store, StoreError, TryLimits, VerificationRecord,
 };
+use crate::registrar::abuse;
 
 /// A SQLite database.
 #[derive(Clone, Debug)]
@@ -54,4 +55,4 @@ impl SqliteStore {
     }
 }
 
-super::sql::sql_store!(SqliteStore, SqliteRow, "BEGIN IMMEDIATE", "sqlite");
+super::sql::sql_store!(SqliteStore, SqliteRow, "BEGIN IMMEDIATE", "sqlite", "");

@@ -23,15 +23,19 @@ pub fn bad_request(text: &str) -> StanzaError {
     stanza_error(ErrorType::Modify, DefinedCondition::BadRequest, text)
 }
 
-fn retry_element(at: DateTime<Utc>, now: DateTime<Utc>) -> Element {
+/// `<retry xmlns='urn:kontalk-registrar:retry' at='RFC 3339' seconds='N' limit='name'/>`.
+fn retry_element(at: DateTime<Utc>, now: DateTime<Utc>, limit: Option<&str>) -> Element {
     let secs = ((at - now).num_milliseconds().max(0) + 999) / 1000;
-    Element::builder("retry", RETRY_NS)
+    let mut b = Element::builder("retry", RETRY_NS)
         .attr(
             xml_ncname!("at").into(),
             at.to_rfc3339_opts(SecondsFormat::Secs, true),
         )
-        .attr(xml_ncname!("seconds").into(), secs.max(1).to_string())
-        .build()
+        .attr(xml_ncname!("seconds").into(), secs.max(1).to_string());
+    if let Some(limit) = limit {
+        b = b.attr(xml_ncname!("limit").into(), limit);
+    }
+    b.build()
 }
 
 /// Maps a core error; `now` gives the retry element its delay.
@@ -41,6 +45,7 @@ pub fn from_error(e: &Error, now: DateTime<Utc>) -> StanzaError {
     let text = e.to_string();
     let mut err = match e {
         Error::BadRequest(_)
+        | Error::IdempotencyKeyReused
         | Error::InvalidPhone(_)
         | Error::WrongCode { .. }
         | Error::BadKey(_) => stanza_error(T::Modify, C::BadRequest, &text),
@@ -49,16 +54,22 @@ pub fn from_error(e: &Error, now: DateTime<Utc>) -> StanzaError {
             stanza_error(T::Modify, C::NotAllowed, &text)
         }
         Error::NotAllowed(_) => stanza_error(T::Cancel, C::NotAllowed, &text),
-        Error::RateLimited { .. } | Error::Locked { .. } | Error::DeliveryFailed => {
-            stanza_error(T::Wait, C::ServiceUnavailable, &text)
-        }
+        Error::RateLimited { .. }
+        | Error::Locked { .. }
+        | Error::LimitsUnavailable { .. }
+        | Error::DeliveryFailed => stanza_error(T::Wait, C::ServiceUnavailable, &text),
         Error::NotFound => stanza_error(T::Cancel, C::ItemNotFound, &text),
         Error::NoProvider(_) => stanza_error(T::Modify, C::NotAcceptable, &text),
         Error::AlreadyVerified => stanza_error(T::Cancel, C::NotAcceptable, &text),
         Error::Internal => stanza_error(T::Wait, C::InternalServerError, &text),
     };
     if let Some(at) = e.retry_at() {
-        err.other = Some(retry_element(at, now));
+        let limit = match e {
+            Error::RateLimited { limit, .. } => Some(limit.as_str()),
+            Error::Locked { .. } => Some("locked"),
+            _ => None,
+        };
+        err.other = Some(retry_element(at, now, limit));
     }
     err
 }
@@ -68,6 +79,8 @@ mod tests {
     use super::*;
     use crate::openpgp::KeyError;
     use crate::phone::PhoneError;
+    use crate::registrar::Limit;
+    use crate::registrar::abuse::Scope;
 
     #[test]
     fn the_table_of_design_md() {
@@ -89,7 +102,10 @@ mod tests {
                 C::NotAllowed,
             ),
             (
-                Error::RateLimited { retry_at: later },
+                Error::RateLimited {
+                    retry_at: later,
+                    limit: Limit::Rate(Scope::Number),
+                },
                 T::Wait,
                 C::ServiceUnavailable,
             ),
@@ -122,10 +138,17 @@ mod tests {
             conflict.texts["en"],
             "Another user is registered with the same id."
         );
-        let limited = from_error(&Error::RateLimited { retry_at: later }, now);
+        let limited = from_error(
+            &Error::RateLimited {
+                retry_at: later,
+                limit: Limit::Rate(Scope::Number),
+            },
+            now,
+        );
         let retry = limited.other.unwrap();
         assert!(retry.is("retry", RETRY_NS));
         assert_eq!(retry.attr("seconds"), Some("42"));
+        assert_eq!(retry.attr("limit"), Some("number"));
         assert!(
             limited.texts["en"].contains(&later.to_rfc3339()[..16]),
             "time in the text"

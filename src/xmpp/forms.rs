@@ -206,6 +206,26 @@ pub fn started_form(v: &Verification) -> FormQuery {
             "true",
         ));
     }
+    let time =
+        |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    fields.push(with_value(
+        field(
+            "next-resend-at",
+            FieldType::TextSingle,
+            "A new code can be asked for from",
+        ),
+        time(v.next_resend_at),
+    ));
+    if let Some(call_at) = v.next_call_at {
+        fields.push(with_value(
+            field(
+                "next-call-at",
+                FieldType::TextSingle,
+                "A call can replace the message from",
+            ),
+            time(call_at),
+        ));
+    }
     FormQuery {
         instructions: Some(v.instructions.clone()),
         form: DataForm::new(DataFormType::Form, ns::REGISTER, fields),
@@ -442,6 +462,8 @@ mod tests {
             state: crate::registrar::State::Pending,
             can_fallback: false,
             delivery: None,
+            next_call_at: None,
+            replayed: false,
         };
         let s = xml(started_form(&v));
         assert!(s.starts_with("<query xmlns='jabber:iq:register'><instructions>A SMS with a verification code will be sent.</instructions><x xmlns='jabber:x:data' type='form'>"), "{s}");

@@ -17,7 +17,7 @@ use super::errors::{self, bad_request, stanza_error};
 use super::forms::{self, Submission};
 use crate::clock::Clock;
 use crate::openpgp::UserKey;
-use crate::registrar::{Code, Error, Registrar, StartRequest};
+use crate::registrar::{Code, Error, Origin, Registrar, StartRequest};
 
 /// Answers iqs for the component `jid`.
 pub struct Handler {
@@ -145,6 +145,7 @@ impl Handler {
                             accepted_terms: accept_terms,
                             fallback,
                             locale: None,
+                            origin: Origin::jid(from.to_bare().to_string()),
                         })
                         .await
                 }

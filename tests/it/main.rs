@@ -1,6 +1,7 @@
 //! Integration tests: one binary (link time), one module per area. Every test starts the real
 //! service on `127.0.0.1:0` with its own data directory.
 
+mod abuse;
 mod cli;
 mod database;
 mod fuzz;

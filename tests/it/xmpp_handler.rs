@@ -367,11 +367,17 @@ async fn errors_follow_the_table() {
     let out = x.send(from, "set", no_key).await.unwrap();
     assert_eq!(out.condition, "modify/bad-request");
     assert!(out.text.contains("publickey"));
-    // A resend inside the wait: service-unavailable of type wait, with the time.
+    // The same JID repeating its start at once gets the verification again, not a new message.
+    let sent = x.provider.sent().len();
     let out = x.step1(from, EMULATOR, "").await;
+    assert_eq!(out.condition, "", "{}", out.xml);
+    assert_eq!(x.provider.sent().len(), sent);
+    // Another JID inside the wait: service-unavailable of type wait, with the time.
+    let out = x.step1("b@localhost/r", EMULATOR, "").await;
     assert_eq!(out.condition, "wait/service-unavailable");
     assert!(out.text.contains("try again after"), "{}", out.text);
     assert!(out.xml.contains("seconds='60'"), "{}", out.xml);
+    assert!(out.xml.contains("limit='resend-wait'"), "{}", out.xml);
     // Remove is not implemented yet; other payloads are unsupported.
     let out = x
         .send(

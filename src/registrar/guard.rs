@@ -1,0 +1,386 @@
+//! How the core applies the abuse rules of [`abuse`](super::abuse) through the store: rate
+//! limits per scope, allow and deny lists, the SMS-pumping block, daily caps, and the traffic and
+//! spend counters. Every counter is a row in the database, so that instances agree.
+//!
+//! When the store cannot count, the service fails closed (a refusal saying so, and an error in
+//! the log) unless `abuse.fail_open` is set. Numbers and IPs appear in keys and logs only as keyed
+//! hashes ([`ServerSecret::pseudonym`](crate::secret::ServerSecret::pseudonym)); prefixes and
+//! calling codes appear as they are, since operators block and price by them.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+
+use super::abuse::{self, Action, Scope};
+use super::error::Limit;
+use super::{Error, Refusal, Registrar, at, ts};
+use crate::phone::PhoneNumber;
+use crate::store::{RateBucket, SentRecord, SpendRecord, StoreError};
+
+/// Who is asking, as far as a transport can tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// The client's address (the HTTP API's peer, or the address a trusted proxy forwarded).
+    pub ip: Option<IpAddr>,
+    /// The client's bare JID (XMPP).
+    pub jid: Option<String>,
+    /// The start request's `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+}
+
+impl Origin {
+    /// A client known by its address.
+    pub fn ip(ip: IpAddr) -> Self {
+        Self {
+            ip: Some(ip),
+            ..Self::default()
+        }
+    }
+
+    /// A client known by its JID.
+    pub fn jid(jid: impl Into<String>) -> Self {
+        Self {
+            jid: Some(jid.into()),
+            ..Self::default()
+        }
+    }
+}
+
+/// How long a client is told to wait when the limits cannot be read.
+const UNAVAILABLE_RETRY_SECS: i64 = 30;
+
+/// One line of the spend report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpendLine {
+    /// The counters.
+    pub record: SpendRecord,
+    /// Messages times the configured price, if one is configured.
+    pub cost: Option<f64>,
+}
+
+/// A number's traffic scopes: its prefix and its calling code.
+fn traffic_scopes(prefix: &str, country: &str) -> Vec<String> {
+    vec![format!("prefix:{prefix}"), format!("country:{country}")]
+}
+
+impl Registrar {
+    /// The E.164 digits and calling code of `phone`.
+    fn digits_and_country(phone: &PhoneNumber) -> (&str, String) {
+        let digits = phone.as_str().trim_start_matches('+');
+        (digits, phone.calling_code().to_string())
+    }
+
+    /// Whether `phone` is a configured test number.
+    pub(super) fn is_test_number(&self, phone: &str) -> bool {
+        self.settings.abuse.test_numbers.contains_key(phone)
+    }
+
+    /// A store failure while counting: refused (fail closed) or let through (fail open), with a
+    /// log line either way.
+    fn limits_failed(&self, e: StoreError, what: &str) -> Result<(), Error> {
+        if self.settings.abuse.fail_open {
+            tracing::warn!(error = %e, what, "cannot read the limits; serving anyway (fail_open)");
+            Ok(())
+        } else {
+            tracing::error!(error = %e, what, "cannot read the limits; refusing (fail closed)");
+            Err(Error::LimitsUnavailable {
+                retry_at: self.clock.now() + chrono::Duration::seconds(UNAVAILABLE_RETRY_SECS),
+            })
+        }
+    }
+
+    /// Refuses numbers and clients the allow and deny lists exclude.
+    pub(super) fn check_lists(&self, phone: &PhoneNumber, origin: &Origin) -> Result<(), Error> {
+        let lists = &self.settings.abuse.lists;
+        if let Some(ip) = origin.ip
+            && lists.ip_denied(ip)
+        {
+            tracing::info!(ip = %self.ip_log_id(ip), "request from a denied address");
+            return Err(Error::NotAllowed(Refusal::AddressBlocked));
+        }
+        if self.is_test_number(phone.as_str()) {
+            return Ok(());
+        }
+        let (digits, country) = Self::digits_and_country(phone);
+        lists
+            .check_number(digits, &country)
+            .map_err(Error::NotAllowed)
+    }
+
+    fn ip_log_id(&self, ip: IpAddr) -> String {
+        self.secret
+            .pseudonym("ip", &abuse::ip_group(ip, self.settings.abuse.ipv6_prefix))
+    }
+
+    /// The keyed hash that names `origin` as the client of a verification.
+    pub(super) fn client_id(&self, origin: &Origin) -> Option<String> {
+        match (&origin.ip, &origin.jid) {
+            (Some(ip), _) => Some(self.ip_log_id(*ip)),
+            (None, Some(jid)) => Some(self.secret.pseudonym("jid", jid)),
+            (None, None) => None,
+        }
+    }
+
+    /// The keyed hash of an idempotency key.
+    pub(super) fn idempotency_id(&self, origin: &Origin) -> Option<String> {
+        origin
+            .idempotency_key
+            .as_deref()
+            .map(|k| self.secret.pseudonym("idempotency-key", k))
+    }
+
+    /// Takes one `action` from every limited scope of `phone` and `origin`; refuses with the
+    /// limit that is exhausted.
+    pub(super) async fn throttle(
+        &self,
+        action: Action,
+        phone: &PhoneNumber,
+        origin: &Origin,
+    ) -> Result<(), Error> {
+        let a = &self.settings.abuse;
+        let limits = a.limits(action);
+        let (digits, country) = Self::digits_and_country(phone);
+        let mut buckets = Vec::with_capacity(5);
+        let mut scopes = Vec::with_capacity(5);
+        for scope in Scope::ALL {
+            let Some(rate) = limits.get(scope) else {
+                continue;
+            };
+            let value = match scope {
+                Scope::Ip => match origin.ip {
+                    Some(ip) if !a.lists.ip_trusted(ip) => self.ip_log_id(ip),
+                    _ => continue,
+                },
+                Scope::Number => self.secret.pseudonym("phone", phone.as_str()),
+                Scope::Prefix => a.prefix(digits).to_owned(),
+                Scope::Country => country.clone(),
+                Scope::Global => String::new(),
+            };
+            buckets.push(RateBucket {
+                key: format!("{}:{}:{value}", action.as_str(), scope.as_str()),
+                rate,
+            });
+            scopes.push(scope);
+        }
+        let now = self.clock.now();
+        match self
+            .store
+            .take_rates(&buckets, now.timestamp_millis())
+            .await
+        {
+            Ok(None) => Ok(()),
+            Ok(Some((i, retry_ms))) => {
+                let scope = scopes[i];
+                tracing::info!(
+                    action = action.as_str(),
+                    limit = scope.as_str(),
+                    phone = %self.log_id(phone.as_str()),
+                    country = %country,
+                    "rate limited"
+                );
+                Err(Error::RateLimited {
+                    retry_at: DateTime::<Utc>::from_timestamp_millis(retry_ms)
+                        .unwrap_or(now + chrono::Duration::seconds(1)),
+                    limit: Limit::Rate(scope),
+                })
+            }
+            Err(e) => self.limits_failed(e, "rate limits"),
+        }
+    }
+
+    /// Refuses a message to a blocked prefix, and blocks the prefix when its recent traffic
+    /// looks like SMS pumping (many messages, few completed verifications).
+    pub(super) async fn check_pumping(&self, phone: &PhoneNumber) -> Result<(), Error> {
+        let a = &self.settings.abuse;
+        if !a.pumping.enabled {
+            return Ok(());
+        }
+        let (digits, country) = Self::digits_and_country(phone);
+        let prefix = a.prefix(digits);
+        let scope = format!("prefix:{prefix}");
+        let now = ts(self.clock.now());
+        let blocked = match self.store.block_until(&scope, now).await {
+            Ok(b) => b,
+            Err(e) => return self.limits_failed(e, "blocks"),
+        };
+        if let Some(until) = blocked {
+            return Err(Error::RateLimited {
+                retry_at: at(until),
+                limit: Limit::PrefixBlocked,
+            });
+        }
+        let window = i64::try_from(a.pumping.window.as_secs()).unwrap_or(i64::MAX / 2);
+        let (sent, completed) = match self
+            .store
+            .traffic(&scope, abuse::bucket(now - window))
+            .await
+        {
+            Ok(t) => t,
+            Err(e) => return self.limits_failed(e, "traffic"),
+        };
+        if !a.pumping.suspicious(sent, completed) {
+            return Ok(());
+        }
+        let until = now + i64::try_from(a.pumping.block_for.as_secs()).unwrap_or(86_400);
+        let reason = format!(
+            "{sent} messages and {completed} completed verifications in {}s",
+            window
+        );
+        if let Err(e) = self.store.add_block(&scope, until, &reason, now).await {
+            return self.limits_failed(e, "blocks");
+        }
+        tracing::warn!(
+            prefix,
+            country = %country,
+            sent,
+            completed,
+            until = %at(until).to_rfc3339(),
+            event = "prefix_blocked",
+            "prefix blocked: its completion ratio collapsed (SMS pumping?)"
+        );
+        Err(Error::RateLimited {
+            retry_at: at(until),
+            limit: Limit::PrefixBlocked,
+        })
+    }
+
+    /// The daily-cap scopes of `phone` with their caps.
+    fn caps(&self, phone: &PhoneNumber) -> Vec<(String, u32)> {
+        let caps = &self.settings.abuse.caps;
+        let country = phone.calling_code().to_string();
+        let mut out = Vec::with_capacity(2);
+        if let Some(cap) = caps.for_country(&country) {
+            out.push((format!("country:{country}"), cap));
+        }
+        if let Some(cap) = caps.total {
+            out.push(("total".to_owned(), cap));
+        }
+        out
+    }
+
+    /// Reserves a message under the daily caps; the scopes to give back if it does not go out.
+    pub(super) async fn reserve_message(&self, phone: &PhoneNumber) -> Result<Vec<String>, Error> {
+        let caps = self.caps(phone);
+        let now = self.clock.now();
+        match self.store.reserve_daily(&caps, abuse::day(ts(now))).await {
+            Ok(None) => Ok(caps.into_iter().map(|(s, _)| s).collect()),
+            Ok(Some(i)) => {
+                let tomorrow = at((abuse::day(ts(now)) + 1) * 86_400);
+                let limit = if caps[i].0 == "total" {
+                    Limit::DailyCap
+                } else {
+                    Limit::CountryDailyCap
+                };
+                tracing::warn!(
+                    cap = %caps[i].0,
+                    limit = caps[i].1,
+                    event = "daily_cap_reached",
+                    "daily cap of messages reached"
+                );
+                Err(Error::RateLimited {
+                    retry_at: tomorrow,
+                    limit,
+                })
+            }
+            Err(e) => self.limits_failed(e, "daily caps").map(|()| Vec::new()),
+        }
+    }
+
+    /// Gives back a reservation whose message did not go out.
+    pub(super) async fn release_message(&self, reserved: &[String]) {
+        let day = abuse::day(ts(self.clock.now()));
+        if let Err(e) = self.store.release_daily(reserved, day).await {
+            tracing::warn!(error = %e, "cannot give back a daily-cap reservation");
+        }
+    }
+
+    /// Counts a message that went out through `provider`.
+    pub(super) async fn count_sent(
+        &self,
+        phone: &PhoneNumber,
+        provider: &str,
+        challenge: super::Challenge,
+    ) {
+        let a = &self.settings.abuse;
+        let (digits, country) = Self::digits_and_country(phone);
+        let now = ts(self.clock.now());
+        let price = abuse::price(&a.costs, provider, &country);
+        let record = SentRecord {
+            scopes: traffic_scopes(a.prefix(digits), &country),
+            bucket: abuse::bucket(now),
+            day: abuse::day(now),
+            provider: provider.to_owned(),
+            country: country.clone(),
+            challenge,
+        };
+        if let Err(e) = self.store.record_sent(&record).await {
+            tracing::warn!(error = %e, "cannot count a message");
+        }
+        tracing::info!(
+            provider,
+            country = %country,
+            %challenge,
+            cost = price,
+            currency = %a.currency,
+            "message sent"
+        );
+    }
+
+    /// Counts a completed verification of `phone` that started at `started` (Unix seconds), in
+    /// the bucket of its start so that it meets its messages in the ratio.
+    pub(super) async fn count_completed(&self, phone: &PhoneNumber, started: i64) {
+        let a = &self.settings.abuse;
+        let (digits, country) = Self::digits_and_country(phone);
+        let scopes = traffic_scopes(a.prefix(digits), &country);
+        if let Err(e) = self
+            .store
+            .record_completed(&scopes, abuse::bucket(started))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot count a completion");
+        }
+    }
+
+    /// Messages per day, provider, calling code and challenge over the last `days` days, with
+    /// their cost where prices are configured.
+    pub async fn spend_report(&self, days: u32) -> Result<Vec<SpendLine>, Error> {
+        let today = abuse::day(ts(self.clock.now()));
+        let since = today - i64::from(days.max(1)) + 1;
+        let costs = &self.settings.abuse.costs;
+        Ok(self
+            .store
+            .spend(since)
+            .await?
+            .into_iter()
+            .map(|record| {
+                let cost = abuse::price(costs, &record.provider, &record.country)
+                    .map(|p| p * record.messages as f64);
+                SpendLine { record, cost }
+            })
+            .collect())
+    }
+
+    /// The prefixes blocked now.
+    pub async fn blocks(&self) -> Result<Vec<crate::store::BlockRecord>, Error> {
+        Ok(self.store.blocks(ts(self.clock.now())).await?)
+    }
+
+    /// Lifts the pumping block of E.164 prefix `prefix` (digits, `+` optional); whether there
+    /// was one.
+    pub async fn unblock(&self, prefix: &str) -> Result<bool, Error> {
+        let digits = prefix.trim().trim_start_matches('+');
+        let lifted = self.store.remove_block(&format!("prefix:{digits}")).await?;
+        if lifted {
+            tracing::info!(prefix = digits, "prefix unblocked by the operator");
+        }
+        Ok(lifted)
+    }
+
+    /// Messages reserved today per daily-cap scope (`country:<code>`, `total`).
+    pub async fn sent_today(&self) -> Result<Vec<(String, u64)>, Error> {
+        Ok(self
+            .store
+            .daily_sends(abuse::day(ts(self.clock.now())))
+            .await?)
+    }
+}
