@@ -14,6 +14,7 @@ use base64::Engine as _;
 use kontalk_registrar::config::Config;
 use kontalk_registrar::openpgp::{self, ServerKey, UserKey};
 use kontalk_registrar::phone::PhonePolicy;
+use kontalk_registrar::registrar::abuse::Rate;
 use kontalk_registrar::secret::ServerSecret;
 use kontalk_registrar::{Listeners, Services};
 use registrar_providers::{CapturingProvider, Provider};
@@ -146,6 +147,18 @@ async fn load(registrations: usize, concurrency: usize, postgres: Option<&str>) 
         }
         None => "SQLite",
     };
+    // Every limit is applied and counted, as in production, but the load comes from one
+    // loopback client (trusted, so the per-IP limits do not apply) and exceeds the default
+    // country, global and daily budgets by design.
+    let abuse = &mut config.settings.abuse;
+    abuse.lists.trusted_ips = vec!["127.0.0.1/32".parse().unwrap_or_else(|e| panic!("{e}"))];
+    let plenty = Some(Rate::new(1_000_000, Duration::from_secs(3600)));
+    abuse.start.country = plenty;
+    abuse.start.global = plenty;
+    abuse.start.prefix = plenty;
+    abuse.caps.total = None;
+    abuse.caps.per_country = None;
+    abuse.pumping.enabled = true;
     let capture = CapturingProvider::new("bench", "12345");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

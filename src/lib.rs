@@ -26,6 +26,7 @@ pub mod clock;
 pub mod config;
 mod fsutil;
 pub mod http;
+pub mod login_cert;
 pub mod openpgp;
 pub mod phone;
 pub mod registrar;

@@ -450,3 +450,42 @@ async fn arbitrary_values_in_the_forms_get_protocol_answers() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_limits_apply_over_xmpp_too() {
+    use kontalk_registrar::registrar::abuse::Limits;
+    let x = setup(|c| {
+        let a = &mut c.settings.abuse;
+        a.start = Limits {
+            number: Some("2/1d".parse().unwrap()),
+            ..Limits::default()
+        };
+        a.check = Limits {
+            number: Some("3/1d".parse().unwrap()),
+            ..Limits::default()
+        };
+        a.repeat_window = Duration::ZERO;
+    })
+    .await;
+    // Two starts for one number from two JIDs (the second after the resend wait), then the
+    // number's limit, whoever asks: the component never sees addresses.
+    assert_eq!(x.step1("a@localhost/r", EMULATOR, "").await.condition, "");
+    x.clock.advance(Duration::from_secs(61));
+    assert_eq!(x.step1("b@localhost/r", EMULATOR, "").await.condition, "");
+    x.clock.advance(Duration::from_secs(121));
+    let out = x.step1("c@localhost/r", EMULATOR, "").await;
+    assert_eq!(out.condition, "wait/service-unavailable", "{}", out.xml);
+    assert!(out.xml.contains("limit='number'"), "{}", out.xml);
+    assert!(out.text.contains("too many requests for this number"), "{}", out.text);
+    assert_eq!(x.provider.sent().len(), 2);
+    // Code tries per number, across JIDs: rotating JIDs does not buy more guesses.
+    let key = public(&user_key(&format!("{EMULATOR_ACCOUNT}@localhost")));
+    for jid in ["d@localhost/r", "e@localhost/r", "f@localhost/r"] {
+        let out = x.step2(jid, "000000", &key).await;
+        assert_eq!(out.condition, "modify/bad-request", "{}", out.xml);
+    }
+    let right = x.provider.last_code(EMULATOR).unwrap();
+    let out = x.step2("g@localhost/r", &right, &key).await;
+    assert_eq!(out.condition, "wait/service-unavailable", "{}", out.xml);
+    assert!(out.xml.contains("limit='number'"), "{}", out.xml);
+}
