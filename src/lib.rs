@@ -320,6 +320,17 @@ impl App {
     }
 }
 
+/// The service on `config`'s data directory, key, secret and database, without providers (none
+/// is built, so no credential is needed): for operator commands that read or change the abuse
+/// counters offline, beside or instead of a running instance.
+pub async fn offline_app(config: Config) -> anyhow::Result<App> {
+    let services = Services {
+        providers: Some(Vec::new()),
+        ..Services::default()
+    };
+    App::build(config, services).await
+}
+
 /// Sends one real test message through the configured provider `name` to `phone` and describes
 /// what the provider answered (`kontalk-registrar provider test`).
 pub async fn provider_test(

@@ -70,6 +70,29 @@ enum Command {
     /// Operator tools for providers.
     #[command(subcommand)]
     Provider(ProviderCommand),
+    /// Operator tools for the abuse counters: spend, daily caps, SMS-pumping blocks.
+    #[command(subcommand)]
+    Abuse(AbuseCommand),
+}
+
+#[derive(Subcommand)]
+enum AbuseCommand {
+    /// Prints the messages and their cost per day, provider, country and challenge, today's
+    /// daily-cap counters, and the blocked prefixes.
+    Report {
+        /// UTC days to cover, today included.
+        #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=3660))]
+        days: u32,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Lifts the SMS-pumping block of an E.164 prefix (`+4479111`).
+    Unblock {
+        /// The blocked prefix, as the report shows it.
+        prefix: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -134,8 +157,11 @@ fn load(args: &ConfigArgs, http: Option<SocketAddr>) -> anyhow::Result<Config> {
 
 fn init_logging(filter: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(filter));
+    // Colours only on a terminal: a log collected from a pipe or a file stays plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -213,6 +239,28 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             println!("{answer}");
             Ok(())
         }
+        Command::Abuse(AbuseCommand::Report { days, config }) => {
+            let config = load(&config, None)?;
+            init_logging(&config.log_filter);
+            let app = kontalk_registrar::offline_app(config).await?;
+            print!("{}", abuse_report(&app, days).await?);
+            Ok(())
+        }
+        Command::Abuse(AbuseCommand::Unblock { prefix, config }) => {
+            let digits = prefix.trim().trim_start_matches('+');
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                anyhow::bail!("{prefix:?} is not an E.164 prefix (digits, `+` optional)");
+            }
+            let config = load(&config, None)?;
+            init_logging(&config.log_filter);
+            let app = kontalk_registrar::offline_app(config).await?;
+            if app.registrar.unblock(digits).await? {
+                println!("+{digits}: block lifted");
+            } else {
+                println!("+{digits}: was not blocked");
+            }
+            Ok(())
+        }
         Command::Client(ClientCommand::Register {
             phone,
             server,
@@ -245,6 +293,192 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Rows of cells as plain text, each column as wide as its widest cell; the columns whose index
+/// is in `right` are aligned right (numbers).
+fn table(rows: &[Vec<String>], right: &[usize]) -> String {
+    let mut widths = Vec::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            let w = cell.chars().count();
+            if widths.len() <= i {
+                widths.push(w);
+            } else {
+                widths[i] = widths[i].max(w);
+            }
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let w = widths[i];
+            if right.contains(&i) {
+                line.push_str(&format!("{cell:>w$}"));
+            } else {
+                line.push_str(&format!("{cell:<w$}"));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `+39 IT/VA`: a calling code with (some of) the regions that share it.
+fn country_label(code: &str) -> String {
+    let regions = code
+        .parse::<u16>()
+        .ok()
+        .and_then(|c| phonenumber::metadata::DATABASE.region(&c))
+        .unwrap_or_default();
+    match regions.len() {
+        0 => format!("+{code}"),
+        1..=3 => format!("+{code} {}", regions.join("/")),
+        _ => format!("+{code} {}/…", regions[..2].join("/")),
+    }
+}
+
+fn utc_day(day: i64) -> String {
+    chrono::DateTime::from_timestamp(day.saturating_mul(86_400), 0)
+        .map(|t| t.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| day.to_string())
+}
+
+/// The text of `abuse report`: spend over the last `days` UTC days, today's daily-cap counters,
+/// the blocked prefixes.
+async fn abuse_report(app: &kontalk_registrar::App, days: u32) -> anyhow::Result<String> {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+
+    let registrar = &app.registrar;
+    let abuse = &registrar.settings().abuse;
+    let currency = &abuse.currency;
+    let mut out = String::new();
+
+    let mut lines = registrar.spend_report(days).await?;
+    lines.sort_by(|a, b| {
+        let (a, b) = (&a.record, &b.record);
+        (a.day, &a.provider, &a.country, a.challenge.as_str()).cmp(&(
+            b.day,
+            &b.provider,
+            &b.country,
+            b.challenge.as_str(),
+        ))
+    });
+    writeln!(out, "Messages sent, last {days} UTC day(s):")?;
+    if lines.is_empty() {
+        writeln!(out, "  (none)")?;
+    } else {
+        let mut rows = vec![
+            [
+                "DAY",
+                "PROVIDER",
+                "COUNTRY",
+                "CHALLENGE",
+                "MESSAGES",
+                "COST",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ];
+        let (mut messages, mut priced, mut total) = (0u64, 0u64, 0f64);
+        for l in &lines {
+            let r = &l.record;
+            messages += r.messages;
+            if let Some(c) = l.cost {
+                priced += r.messages;
+                total += c;
+            }
+            rows.push(vec![
+                utc_day(r.day),
+                r.provider.clone(),
+                country_label(&r.country),
+                r.challenge.to_string(),
+                r.messages.to_string(),
+                l.cost
+                    .map_or_else(|| "-".to_owned(), |c| format!("{c:.4} {currency}")),
+            ]);
+        }
+        rows.push(vec![
+            "total".to_owned(),
+            String::new(),
+            String::new(),
+            String::new(),
+            messages.to_string(),
+            if priced == 0 {
+                "-".to_owned()
+            } else {
+                format!("{total:.4} {currency}")
+            },
+        ]);
+        out.push_str(&table(&rows, &[4, 5]));
+        if priced < messages {
+            writeln!(
+                out,
+                "{} message(s) have no price in abuse.costs and are not in the total",
+                messages - priced
+            )?;
+        }
+    }
+
+    // Every configured cap, with today's count (0 when nothing was reserved under it).
+    let mut counters: BTreeMap<String, u64> = registrar.sent_today().await?.into_iter().collect();
+    if abuse.caps.total.is_some() {
+        counters.entry("total".to_owned()).or_default();
+    }
+    for code in abuse.caps.countries.keys() {
+        counters.entry(format!("country:{code}")).or_default();
+    }
+    let today = app.clock.now().timestamp().div_euclid(86_400);
+    writeln!(out, "\nDaily caps, today ({} UTC):", utc_day(today))?;
+    if counters.is_empty() {
+        writeln!(out, "  (no caps configured, no messages today)")?;
+    } else {
+        let mut rows = vec![["SCOPE", "SENT", "CAP"].map(String::from).to_vec()];
+        for (scope, sent) in &counters {
+            let cap = match scope.strip_prefix("country:") {
+                Some(code) => abuse.caps.for_country(code),
+                None if scope == "total" => abuse.caps.total,
+                None => None,
+            };
+            let label = match scope.strip_prefix("country:") {
+                Some(code) => format!("country {}", country_label(code)),
+                None => scope.clone(),
+            };
+            rows.push(vec![
+                label,
+                sent.to_string(),
+                cap.map_or_else(|| "-".to_owned(), |c| c.to_string()),
+            ]);
+        }
+        out.push_str(&table(&rows, &[1, 2]));
+    }
+
+    let blocks = registrar.blocks().await?;
+    writeln!(out, "\nBlocked prefixes:")?;
+    if blocks.is_empty() {
+        writeln!(out, "  (none)")?;
+    } else {
+        let mut rows = vec![["PREFIX", "UNTIL", "REASON"].map(String::from).to_vec()];
+        for b in &blocks {
+            let prefix = match b.scope.strip_prefix("prefix:") {
+                Some(digits) => format!("+{digits}"),
+                None => b.scope.clone(),
+            };
+            let until = chrono::DateTime::from_timestamp(b.until, 0).map_or_else(
+                || b.until.to_string(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            );
+            rows.push(vec![prefix, until, b.reason.clone()]);
+        }
+        out.push_str(&table(&rows, &[]));
+    }
+    Ok(out)
 }
 
 #[tokio::main]

@@ -1,11 +1,13 @@
 //! The binary as a newcomer uses it: `serve` on embedded defaults, `client register` against it,
-//! reading the code from the development outbox; plus `keygen`, `export-server-key`, `migrate`
-//! and refusals of bad configuration.
+//! reading the code from the development outbox; plus `keygen`, `export-server-key`, `migrate`,
+//! `abuse report` and `abuse unblock`, refusals of bad configuration, and what `serve` logs.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use kontalk_registrar::registrar::abuse::Cost;
 
 use crate::harness::*;
 
@@ -238,8 +240,15 @@ fn bad_configuration_is_refused_at_start_naming_the_key() {
     );
 }
 
+/// A code of the same length that is not `code`.
+fn wrong_code(code: &str) -> String {
+    code.bytes()
+        .map(|b| char::from(b'0' + (b - b'0' + 1) % 10))
+        .collect()
+}
+
 #[test]
-fn serve_logs_no_codes_or_numbers() {
+fn serve_logs_pseudonyms_never_numbers_addresses_or_codes() {
     let dir = tempfile::tempdir().unwrap();
     let [port] = free_ports();
     let addr = format!("127.0.0.1:{port}");
@@ -247,45 +256,231 @@ fn serve_logs_no_codes_or_numbers() {
         .current_dir(dir.path())
         .args(["serve", "--http", &addr])
         .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let lines = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
-    });
+    let read_all = |pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            BufReader::new(pipe)
+                .lines()
+                .map_while(Result::ok)
+                .collect::<Vec<_>>()
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+    let stderr = read_all(Box::new(child.stderr.take().unwrap()));
     let served = Process(child, "kontalk-registrar");
     wait_for_health(port);
+    let outbox = dir.path().join("data/outbox.jsonl");
     let client = http_client();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let r = client
-            .post(format!("http://{addr}/v1/verifications"))
-            .json(&serde_json::json!({"phone": EMULATOR}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
+    let code = rt.block_on(async {
+        let base = format!("http://{addr}/v1/verifications");
+        let started = Reply::from(
+            client
+                .post(&base)
+                .json(&serde_json::json!({"phone": EMULATOR}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(started.status, 201, "{:?}", started.body);
+        let id = started.body["id"].as_str().unwrap().to_owned();
+        let jid = started.body["account"].as_str().unwrap().to_owned();
+        let key = b64(&public(&user_key(&jid)));
+        let code = outbox_code(&outbox, EMULATOR).unwrap();
+        let submit = |code: String| {
+            client
+                .post(format!("{base}/{id}/code"))
+                .json(&serde_json::json!({"code": code, "public_key": key}))
+                .send()
+        };
+        let wrong = Reply::from(submit(wrong_code(&code)).await.unwrap()).await;
+        assert_eq!(wrong.problem_type(), "wrong-code", "{:?}", wrong.body);
+        let right = Reply::from(submit(code.clone()).await.unwrap()).await;
+        assert!(right.status < 300, "{:?}", right.body);
+        code
     });
-    let code = outbox_code(&dir.path().join("data/outbox.jsonl"), EMULATOR).unwrap();
-    // SIGTERM: graceful shutdown.
-    let pid = served.0.id();
-    Command::new("kill").arg(pid.to_string()).status().unwrap();
-    let lines = lines.join().unwrap();
-    let log = lines.join("\n");
-    assert!(log.contains("verification started"), "{log}");
-    assert!(!log.contains(&code), "a code reached the log:\n{log}");
+    // SIGTERM: graceful shutdown, which closes both pipes.
+    Command::new("kill")
+        .arg(served.0.id().to_string())
+        .status()
+        .unwrap();
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    drop(served);
+    let log = stderr.join("\n");
+
+    // Standard output is the development provider's delivery channel: the console stands in for
+    // the user's phone, so the number and the message with its code are meant to be there.
+    let console = stdout.join("\n");
     assert!(
-        !log.contains("5555215554"),
-        "a number reached the log:\n{log}"
+        console.contains("+15555215554") && console.contains(&code),
+        "stdout: {console}"
     );
+
+    // Standard error is the log (tracing): it names numbers and clients by keyed hash only.
+    assert!(log.contains("kontalk-registrar is ready"), "{log}");
+    assert!(log.contains("wrong code"), "{log}");
+    let started: Vec<&String> = stderr
+        .iter()
+        .filter(|l| l.contains("verification started"))
+        .collect();
+    assert_eq!(started.len(), 1, "{log}");
+    let pseudonym = started[0]
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("phone="))
+        .unwrap_or_else(|| panic!("no phone field: {}", started[0]));
+    assert!(
+        pseudonym.len() == 16 && pseudonym.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{}",
+        started[0]
+    );
+    for line in &stderr {
+        assert!(
+            !line.contains("5555215554"),
+            "a number reached the log: {line}"
+        );
+        // The timestamp's fractional seconds could match a code by chance: look past it.
+        let message = line.split_once(' ').map_or(line.as_str(), |(_, m)| m);
+        assert!(
+            !message.contains(&code) && !message.contains(&wrong_code(&code)),
+            "a code reached the log: {line}"
+        );
+        // The client's address: only the ready line names 127.0.0.1, as the listen address.
+        if line.contains("127.0.0.1") {
+            assert!(
+                line.contains("kontalk-registrar is ready")
+                    && line.matches("127.0.0.1").count() == 1
+                    && line.contains(&format!("http={addr}")),
+                "a client address reached the log: {line}"
+            );
+        }
+    }
     let secret = std::fs::read_to_string(dir.path().join("data/server-secret")).unwrap();
     assert!(!log.contains(secret.trim()));
-    drop(served);
+}
+
+/// Runs `kontalk-registrar abuse <args> --config <config> --data-dir <data>` on database `db`.
+fn abuse(args: &[&str], config: &Path, data: &Path, db: &str) -> (bool, String) {
+    let out = Command::new(BIN)
+        .current_dir(data)
+        .arg("abuse")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .arg("--data-dir")
+        .arg(data)
+        .env("REGISTRAR_DATABASE__URL", db)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(0) || out.status.code() == Some(1),
+        "{args:?}: {:?}\n{stdout}{stderr}",
+        out.status
+    );
+    (out.status.success(), format!("{stdout}{stderr}"))
+}
+
+/// The lines of `report` from the one starting with `title` to the next blank line.
+fn section<'a>(report: &'a str, title: &str) -> Vec<&'a str> {
+    report
+        .lines()
+        .skip_while(|l| !l.starts_with(title))
+        .take_while(|l| !l.trim().is_empty())
+        .collect()
+}
+
+fn fields(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
+#[tokio::test]
+async fn abuse_report_shows_spend_caps_and_blocks_and_unblock_lifts_a_block() {
+    let server = TestServer::start_with(|c| {
+        c.settings.abuse.costs = vec![Cost {
+            provider: "capture".into(),
+            country: "39".into(),
+            price: 0.05,
+        }];
+    })
+    .await;
+    for phone in ["+393471234567", "+393201234567"] {
+        let r = server.start_verification(phone, false).await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+    }
+    let db = server.db_url.clone();
+    // The UTC day the messages were counted on (by the server's clock).
+    let today = server.clock_now().format("%Y-%m-%d").to_string();
+    let data = server.stop().await;
+    execute(
+        &db,
+        "INSERT INTO blocks (scope, until, reason, created_at) \
+         VALUES ('prefix:4479111', 4102444800, 'test', 0)",
+    )
+    .await;
+    // The operator's configuration: prices come from it (not from the database), as do caps.
+    let config = data.path().join("operator.toml");
+    std::fs::write(
+        &config,
+        "[abuse]\ncurrency = \"USD\"\n\
+         [abuse.caps]\ndaily_total = 100\n\
+         [[abuse.costs]]\nprovider = \"capture\"\ncountry = \"+39\"\nprice = 0.05\n",
+    )
+    .unwrap();
+    let (data, config) = (data.path(), config.as_path());
+
+    let (ok, report) = abuse(&["report"], config, data, &db);
+    assert!(ok, "{report}");
+    let spend = section(&report, "Messages sent, last 7 UTC day(s)");
+    let row = spend
+        .iter()
+        .find(|l| l.contains("capture"))
+        .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(
+        fields(row),
+        [
+            &today, "capture", "+39", "IT/VA", "pin", "2", "0.1000", "USD"
+        ],
+        "{report}"
+    );
+    let total = spend.iter().find(|l| l.starts_with("total")).unwrap();
+    assert_eq!(fields(total), ["total", "2", "0.1000", "USD"], "{report}");
+
+    let caps = section(&report, "Daily caps, today");
+    assert!(caps[0].contains(&today), "{report}");
+    let country = caps.iter().find(|l| l.starts_with("country")).unwrap();
+    assert_eq!(
+        fields(country),
+        ["country", "+39", "IT/VA", "2", "2000"],
+        "{report}"
+    );
+    let total = caps.iter().find(|l| l.starts_with("total")).unwrap();
+    assert_eq!(fields(total), ["total", "2", "100"], "{report}");
+
+    let blocks = section(&report, "Blocked prefixes");
+    assert!(
+        blocks
+            .iter()
+            .any(|l| fields(l) == ["+4479111", "2100-01-01T00:00:00Z", "test"]),
+        "{report}"
+    );
+
+    let (ok, out) = abuse(&["unblock", "+4479111"], config, data, &db);
+    assert!(ok && out.contains("+4479111: block lifted"), "{out}");
+    let (ok, report) = abuse(&["report", "--days", "1"], config, data, &db);
+    assert!(ok, "{report}");
+    assert!(!report.contains("4479111"), "{report}");
+    assert_eq!(section(&report, "Blocked prefixes")[1].trim(), "(none)");
+    // Lifting it again says there was nothing to lift, and succeeds.
+    let (ok, out) = abuse(&["unblock", "4479111"], config, data, &db);
+    assert!(ok && out.contains("+4479111: was not blocked"), "{out}");
+    let (ok, out) = abuse(&["unblock", "44-79"], config, data, &db);
+    assert!(!ok && out.contains("not an E.164 prefix"), "{out}");
 }
 
 #[test]

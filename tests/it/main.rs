@@ -10,5 +10,6 @@ mod harness;
 mod http_api;
 mod instances;
 mod providers;
+mod pumping;
 mod xmpp_e2e;
 mod xmpp_handler;

@@ -476,7 +476,11 @@ async fn the_limits_apply_over_xmpp_too() {
     let out = x.step1("c@localhost/r", EMULATOR, "").await;
     assert_eq!(out.condition, "wait/service-unavailable", "{}", out.xml);
     assert!(out.xml.contains("limit='number'"), "{}", out.xml);
-    assert!(out.text.contains("too many requests for this number"), "{}", out.text);
+    assert!(
+        out.text.contains("too many requests for this number"),
+        "{}",
+        out.text
+    );
     assert_eq!(x.provider.sent().len(), 2);
     // Code tries per number, across JIDs: rotating JIDs does not buy more guesses.
     let key = public(&user_key(&format!("{EMULATOR_ACCOUNT}@localhost")));
