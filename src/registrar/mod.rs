@@ -205,6 +205,14 @@ pub struct Registrar {
 /// The provider name recorded for test numbers.
 pub const TEST_PROVIDER: &str = "test-number";
 
+/// The number of a stored verification (written there from an accepted number).
+fn stored_phone(v: &VerificationRecord) -> Result<PhoneNumber, Error> {
+    PhoneNumber::from_stored(&v.phone).ok_or_else(|| {
+        tracing::error!(verification = %v.id, "stored number does not parse");
+        Error::Internal
+    })
+}
+
 fn ts(t: DateTime<Utc>) -> i64 {
     t.timestamp()
 }
@@ -762,10 +770,7 @@ impl Registrar {
         } else if !undelivered {
             self.refuse_if_waiting(&v, challenge, now)?;
         }
-        let phone = PhoneNumber::from_stored(&v.phone).ok_or_else(|| {
-            tracing::error!(verification = %v.id, "stored number does not parse");
-            Error::Internal
-        })?;
+        let phone = stored_phone(&v)?;
         self.check_lists(&phone, origin)?;
         self.throttle(abuse::Action::Resend, &phone, origin).await?;
         let test = self.is_test_number(&v.phone);
@@ -929,10 +934,7 @@ impl Registrar {
                 retry_at: at(v.expires_at),
             });
         }
-        let phone = PhoneNumber::from_stored(&v.phone).ok_or_else(|| {
-            tracing::error!(verification = %v.id, "stored number does not parse");
-            Error::Internal
-        })?;
+        let phone = stored_phone(&v)?;
         // Tries per number (across verifications) and per client, besides the verification's
         // own budget.
         self.throttle(abuse::Action::Check, &phone, origin).await?;
