@@ -68,6 +68,12 @@ pub struct FileConfig {
     pub xmpp: XmppSection,
     /// `[abuse]`: rate limits, lists, pumping defence, caps, costs, test numbers.
     pub abuse: AbuseSection,
+    /// `[login]`: who may ask the HTTP API to check login certificates.
+    pub login: LoginSection,
+    /// `[accounts]`: requests that registered accounts sign (key rollover, removal).
+    pub accounts: AccountsSection,
+    /// `[events]`: telling the XMPP server that a key was replaced or an account removed.
+    pub events: EventsSection,
     /// `[log]`.
     pub log: LogSection,
 }
@@ -89,6 +95,9 @@ impl Default for FileConfig {
             templates: Default::default(),
             xmpp: XmppSection::default(),
             abuse: AbuseSection::default(),
+            login: LoginSection::default(),
+            accounts: AccountsSection::default(),
+            events: EventsSection::default(),
             log: LogSection::default(),
         }
     }
@@ -108,6 +117,9 @@ pub struct ServerSection {
     pub secret: Option<Secret>,
     /// Allow an RSA server key in production.
     pub allow_rsa_key: bool,
+    /// `[[server.previous_keys]]`: keys that were current before a rotation; their
+    /// certifications still log in until `until`.
+    pub previous_keys: Vec<PreviousKeyConfig>,
 }
 
 impl Default for ServerSection {
@@ -118,7 +130,98 @@ impl Default for ServerSection {
             secret_file: None,
             secret: None,
             allow_rsa_key: false,
+            previous_keys: Vec::new(),
         }
+    }
+}
+
+/// One `[[server.previous_keys]]` entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousKeyConfig {
+    /// The previous key (public or secret, armored or binary; only the public part is used).
+    pub key_file: PathBuf,
+    /// When its certifications stop counting (RFC 3339, e.g. `2027-03-01T00:00:00Z`).
+    pub until: String,
+}
+
+/// `[login]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoginSection {
+    /// Client IPs or CIDRs that may call `POST /v1/login-certificates/verify`.
+    pub allowed_ips: Vec<String>,
+    /// A bearer token that lets any client call it (prefer `REGISTRAR_LOGIN__BEARER_TOKEN`).
+    pub bearer_token: Option<Secret>,
+}
+
+impl Default for LoginSection {
+    fn default() -> Self {
+        Self {
+            allowed_ips: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            bearer_token: None,
+        }
+    }
+}
+
+/// `[accounts]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsSection {
+    /// How far a signed request's timestamp may be from now, in seconds.
+    pub signature_max_age_seconds: u64,
+}
+
+impl Default for AccountsSection {
+    fn default() -> Self {
+        Self {
+            signature_max_age_seconds: 300,
+        }
+    }
+}
+
+/// `[events]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSection {
+    /// URL that receives each event as a JSON POST.
+    pub webhook_url: Option<String>,
+    /// Key of the `X-Registrar-Signature` HMAC-SHA256 header (prefer
+    /// `REGISTRAR_EVENTS__WEBHOOK_SECRET`).
+    pub webhook_secret: Option<Secret>,
+    /// JID the component sends each event to as a message (needs `[xmpp.component]`).
+    pub xmpp_to: Option<String>,
+}
+
+/// Who may call the login check over HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct LoginAccess {
+    /// Client networks allowed without a token.
+    pub allowed_ips: Vec<IpNet>,
+    /// The token that allows any client.
+    pub bearer_token: Option<Secret>,
+}
+
+/// The validated `[events]`.
+#[derive(Debug, Clone, Default)]
+pub struct EventsConfig {
+    /// Webhook URL and its signing key.
+    pub webhook: Option<(String, Option<Secret>)>,
+    /// JID the component messages.
+    pub xmpp_to: Option<String>,
+}
+
+impl EventsConfig {
+    /// The sinks an event is recorded for.
+    pub fn sinks(&self) -> Vec<String> {
+        let mut sinks = Vec::new();
+        if self.webhook.is_some() {
+            sinks.push(crate::events::WEBHOOK.to_owned());
+        }
+        if self.xmpp_to.is_some() {
+            sinks.push(crate::events::XMPP.to_owned());
+        }
+        sinks
     }
 }
 
@@ -855,6 +958,12 @@ pub struct Config {
     pub dispatch: DispatchSettings,
     /// The XMPP component, if configured.
     pub xmpp_component: Option<ComponentConfig>,
+    /// Previous server keys (file, end of trust).
+    pub previous_keys: Vec<(PathBuf, chrono::DateTime<chrono::Utc>)>,
+    /// Who may call the login check over HTTP.
+    pub login: LoginAccess,
+    /// Where events go.
+    pub events: EventsConfig,
     /// Log filter.
     pub log_filter: String,
 }
@@ -870,6 +979,8 @@ pub struct ComponentConfig {
     pub secret: Secret,
     /// Silence before a keepalive ping.
     pub ping_interval: Duration,
+    /// JID the component sends events to (`events.xmpp_to`).
+    pub events_to: Option<String>,
 }
 
 fn valid_domain(d: &str) -> bool {
@@ -1234,6 +1345,7 @@ impl FileConfig {
                     jid,
                     secret,
                     ping_interval: Duration::from_secs(c.ping_interval_seconds),
+                    events_to: self.events.xmpp_to.clone(),
                 })
             }
         };
@@ -1244,6 +1356,58 @@ impl FileConfig {
         };
         let abuse = self.abuse.validate(&phone_policy, production)?;
         let trusted_proxies = cidrs("http.trusted_proxies", &self.http.trusted_proxies)?;
+        let previous_keys = self
+            .server
+            .previous_keys
+            .iter()
+            .map(|k| {
+                let until = chrono::DateTime::parse_from_rfc3339(k.until.trim())
+                    .map_err(|e| {
+                        bad(
+                            "server.previous_keys.until",
+                            format!("{:?} is not an RFC 3339 time: {e}", k.until),
+                        )
+                    })?
+                    .with_timezone(&chrono::Utc);
+                Ok((k.key_file.clone(), until))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let login = LoginAccess {
+            allowed_ips: cidrs("login.allowed_ips", &self.login.allowed_ips)?,
+            bearer_token: match &self.login.bearer_token {
+                Some(t) if t.expose().len() < 16 => {
+                    return Err(bad("login.bearer_token", "must be at least 16 characters"));
+                }
+                t => t.clone(),
+            },
+        };
+        if !(30..=86_400).contains(&self.accounts.signature_max_age_seconds) {
+            return Err(bad(
+                "accounts.signature_max_age_seconds",
+                "must be between 30 and 86400",
+            ));
+        }
+        let e = &self.events;
+        if let Some(u) = &e.webhook_url
+            && !(u.starts_with("https://") || u.starts_with("http://"))
+        {
+            return Err(bad("events.webhook_url", "must be an http(s) URL"));
+        }
+        if e.webhook_secret.is_some() && e.webhook_url.is_none() {
+            return Err(bad("events.webhook_secret", "needs events.webhook_url"));
+        }
+        if let Some(to) = &e.xmpp_to {
+            if xmpp_component.is_none() {
+                return Err(bad("events.xmpp_to", "needs [xmpp.component]"));
+            }
+            if to.parse::<xmpp_parsers::jid::Jid>().is_err() {
+                return Err(bad("events.xmpp_to", format!("{to:?} is not a JID")));
+            }
+        }
+        let events = EventsConfig {
+            webhook: e.webhook_url.clone().map(|u| (u, e.webhook_secret.clone())),
+            xmpp_to: e.xmpp_to.clone(),
+        };
         let settings = Settings {
             domain,
             phone_policy,
@@ -1260,6 +1424,8 @@ impl FileConfig {
             default_challenge: v.default_challenge,
             templates,
             abuse,
+            signature_max_age: Duration::from_secs(self.accounts.signature_max_age_seconds),
+            event_sinks: events.sinks(),
         };
         Ok(Config {
             mode: self.mode,
@@ -1280,6 +1446,9 @@ impl FileConfig {
             routes,
             dispatch,
             xmpp_component,
+            previous_keys,
+            login,
+            events,
             log_filter: self.log.filter,
         })
     }

@@ -6,7 +6,9 @@
 //! - [`registrar`]: the domain core (start, resend, verify, status, cancel) and its one error enum;
 //! - [`phone`]: E.164 numbers and Kontalk account ids;
 //! - [`openpgp`]: the server key, the policy for users' keys, certification;
-//! - [`store`]: persistence behind a trait (SQLite);
+//! - [`login_cert`]: the bridge certificates clients log in with: build and verify;
+//! - [`events`]: telling the XMPP server that a key was replaced or an account removed;
+//! - [`store`]: persistence behind a trait (SQLite, PostgreSQL);
 //! - [`http`]: the JSON API;
 //! - [`xmpp`]: Kontalk's in-band registration as an XMPP external component;
 //! - [`config`]: TOML + environment configuration, validated once;
@@ -24,6 +26,7 @@
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod events;
 mod fsutil;
 pub mod http;
 pub mod login_cert;
@@ -37,7 +40,7 @@ pub mod xmpp;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use registrar_providers::{DevelopmentProvider, Provider};
@@ -175,6 +178,28 @@ fn create_data_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The previous server keys (public parts) with the end of their trust.
+fn load_previous_keys(config: &Config) -> anyhow::Result<Vec<(sequoia_openpgp::Cert, SystemTime)>> {
+    config
+        .previous_keys
+        .iter()
+        .map(|(path, until)| {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("server.previous_keys: cannot read {}", path.display()))?;
+            let cert = openpgp::parse_cert(&bytes)
+                .map_err(|e| anyhow::anyhow!("server.previous_keys: {}: {e}", path.display()))?
+                .strip_secret_key_material();
+            if until.timestamp() < 0 {
+                anyhow::bail!(
+                    "server.previous_keys: {}: until is before 1970",
+                    path.display()
+                );
+            }
+            Ok((cert, SystemTime::from(*until)))
+        })
+        .collect()
+}
+
 /// Opens the configured database (SQLite or PostgreSQL, by URL) and runs its migrations.
 pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn store::Store>> {
     let url = &config.database_url;
@@ -221,14 +246,18 @@ impl App {
             config.dispatch,
             clock.clone(),
         );
-        let registrar = Arc::new(Registrar::new(
-            config.settings.clone(),
-            store,
-            dispatcher,
-            server_key,
-            secret,
-            clock.clone(),
-        ));
+        let previous = load_previous_keys(&config)?;
+        let registrar = Arc::new(
+            Registrar::new(
+                config.settings.clone(),
+                store,
+                dispatcher,
+                server_key,
+                secret,
+                clock.clone(),
+            )
+            .with_previous_keys(previous),
+        );
         Ok(Self {
             registrar,
             clock,
@@ -270,6 +299,15 @@ impl App {
             })
         };
 
+        let webhook = self.config.events.webhook.clone().map(|(url, secret)| {
+            tokio::spawn(events::run_webhook(
+                self.registrar.clone(),
+                url,
+                secret,
+                stop_rx.clone(),
+            ))
+        });
+
         let component = self.config.xmpp_component.clone().map(|c| {
             let jid = xmpp_parsers::jid::Jid::new(&c.jid);
             let registrar = self.registrar.clone();
@@ -293,6 +331,7 @@ impl App {
                 max_body_bytes: self.config.max_body_bytes,
                 public_url: self.config.public_url.clone(),
                 trusted_proxies: self.config.trusted_proxies.clone(),
+                login: self.config.login.clone(),
             },
         );
         let addr = listeners.http.local_addr()?;
@@ -311,6 +350,9 @@ impl App {
         .await
         .context("HTTP server failed")?;
         purger.abort();
+        if let Some(webhook) = webhook {
+            let _ = tokio::time::timeout(Duration::from_secs(5), webhook).await;
+        }
         if let Some(component) = component {
             // The component closes its stream when it sees the stop signal.
             let _ = tokio::time::timeout(Duration::from_secs(5), component).await;

@@ -292,6 +292,201 @@ impl UserKey {
     pub fn fingerprint(&self) -> String {
         self.0.fingerprint().to_hex()
     }
+
+    /// The certificate.
+    pub fn cert(&self) -> &Cert {
+        &self.0
+    }
+}
+
+/// Why a new key may not replace an account's key (key rollover).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RolloverError {
+    /// The new key is the current key.
+    #[error("the new key is the account's current key")]
+    SameKey,
+    /// The new key was not created after the current one.
+    #[error("the new key must be newer than the account's current key")]
+    NotNewer,
+    /// No User ID of the new key naming the account carries a certification by the current key.
+    #[error(
+        "the new key's User ID {0} carries no valid certification by the account's current key"
+    )]
+    NotSignedByOldKey(String),
+    /// `revoked` is not the account's current key.
+    #[error("the revoked key is not the account's current key")]
+    RevokedIsNotCurrent,
+    /// `revoked` carries no valid revocation.
+    #[error("the revoked key carries no valid revocation signature")]
+    NotRevoked,
+}
+
+/// Checks that `new` may replace `old` for `email`: another, newer key, one of whose User IDs
+/// naming `email` is certified by `old`'s primary key (so only the holder of the old key can
+/// replace it). `revoked`, when sent, must be `old` with a valid self-revocation. The caller
+/// checks `new` itself with [`check_user_key`] first.
+pub fn check_rollover(
+    new: &UserKey,
+    old: &Cert,
+    email: &str,
+    revoked: Option<&UserKey>,
+    now: SystemTime,
+) -> Result<(), RolloverError> {
+    let policy = StandardPolicy::new();
+    let new_cert = &new.0;
+    if new_cert.fingerprint() == old.fingerprint() {
+        return Err(RolloverError::SameKey);
+    }
+    if new_cert.primary_key().key().creation_time() <= old.primary_key().key().creation_time() {
+        return Err(RolloverError::NotNewer);
+    }
+    if let Some(revoked) = revoked {
+        if revoked.0.fingerprint() != old.fingerprint() {
+            return Err(RolloverError::RevokedIsNotCurrent);
+        }
+        // The revocation may be sent on its own with the public key; merge to judge it.
+        let merged = old
+            .clone()
+            .merge_public(revoked.0.clone())
+            .map_err(|_| RolloverError::RevokedIsNotCurrent)?;
+        if !matches!(
+            merged.revocation_status(&policy, now),
+            RevocationStatus::Revoked(_)
+        ) {
+            return Err(RolloverError::NotRevoked);
+        }
+    }
+    let signer = old.primary_key().key();
+    let certified = new_cert
+        .userids()
+        .filter(|u| email_matches(u.userid(), email))
+        .any(|u| {
+            u.certifications().any(|sig| {
+                matches!(
+                    sig.typ(),
+                    SignatureType::GenericCertification
+                        | SignatureType::PersonaCertification
+                        | SignatureType::CasualCertification
+                        | SignatureType::PositiveCertification
+                ) && policy.signature(sig, Default::default()).is_ok()
+                    && sig.signature_alive(now, CLOCK_SKEW).is_ok()
+                    && sig
+                        .clone()
+                        .verify_userid_binding(signer, new_cert.primary_key().key(), u.userid())
+                        .is_ok()
+            })
+        });
+    if !certified {
+        return Err(RolloverError::NotSignedByOldKey(email.to_owned()));
+    }
+    Ok(())
+}
+
+/// Whether `signature` (a detached OpenPGP signature, armored or binary) is a valid signature
+/// of `message` by a signing-capable key of `signer`, valid at `now`.
+pub fn verify_detached(signer: &Cert, message: &[u8], signature: &[u8], now: SystemTime) -> bool {
+    use pgp::parse::stream::{
+        DetachedVerifierBuilder, MessageLayer, MessageStructure, VerificationHelper,
+    };
+    struct Helper<'a>(&'a Cert);
+    impl VerificationHelper for Helper<'_> {
+        fn get_certs(&mut self, _ids: &[pgp::KeyHandle]) -> pgp::Result<Vec<Cert>> {
+            Ok(vec![self.0.clone()])
+        }
+        fn check(&mut self, structure: MessageStructure) -> pgp::Result<()> {
+            for layer in structure {
+                if let MessageLayer::SignatureGroup { results } = layer
+                    && results.iter().any(|r| r.is_ok())
+                {
+                    return Ok(());
+                }
+            }
+            Err(anyhow::anyhow!("no valid signature"))
+        }
+    }
+    if signature.is_empty() || signature.len() > MAX_KEY_BYTES {
+        return false;
+    }
+    let policy = StandardPolicy::new();
+    let Ok(builder) = DetachedVerifierBuilder::from_bytes(signature) else {
+        return false;
+    };
+    let Ok(mut verifier) = builder.with_policy(&policy, Some(now), Helper(signer)) else {
+        return false;
+    };
+    verifier.verify_bytes(message).is_ok()
+}
+
+/// Signs `message` with `cert`'s signing key: a detached, armored signature (for clients and
+/// tests; the service never signs for users).
+pub fn sign_detached(cert: &Cert, message: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use pgp::armor;
+    use pgp::serialize::stream::{Armorer, Message, Signer};
+    use std::io::Write as _;
+    let policy = StandardPolicy::new();
+    let key = cert
+        .keys()
+        .with_policy(&policy, None)
+        .supported()
+        .alive()
+        .revoked(false)
+        .for_signing()
+        .secret()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the key has no usable secret signing key"))?;
+    let keypair = key.key().clone().into_keypair()?;
+    let mut out = Vec::new();
+    {
+        let message_w = Message::new(&mut out);
+        let message_w = Armorer::new(message_w)
+            .kind(armor::Kind::Signature)
+            .build()?;
+        let mut signer = Signer::new(message_w, keypair)?.detached().build()?;
+        signer.write_all(message)?;
+        signer.finalize()?;
+    }
+    Ok(out)
+}
+
+/// Certifies `new`'s User ID `email` with `old`'s primary key (which must hold its secret): how
+/// a client proves that the holder of the old key hands over to the new one.
+pub fn cross_certify(old: &Cert, new: &Cert, email: &str, now: SystemTime) -> anyhow::Result<Cert> {
+    let mut signer = old
+        .primary_key()
+        .key()
+        .clone()
+        .parts_into_secret()?
+        .into_keypair()?;
+    let uid = new
+        .userids()
+        .find(|u| email_matches(u.userid(), email))
+        .ok_or_else(|| anyhow::anyhow!("no User ID with the email {email}"))?;
+    let when = now.max(new.primary_key().key().creation_time());
+    let sig = uid.userid().certify(
+        &mut signer,
+        new,
+        SignatureType::GenericCertification,
+        None,
+        when,
+    )?;
+    Ok(new.clone().insert_packets(sig)?.0)
+}
+
+/// Revokes `cert` (which must hold its primary secret) as superseded: the `revoked` key a client
+/// sends with a rollover.
+pub fn revoke_superseded(cert: &Cert) -> anyhow::Result<Cert> {
+    let mut signer = cert
+        .primary_key()
+        .key()
+        .clone()
+        .parts_into_secret()?
+        .into_keypair()?;
+    let rev = cert.revoke(
+        &mut signer,
+        pgp::types::ReasonForRevocation::KeySuperseded,
+        b"replaced by a new key",
+    )?;
+    Ok(cert.clone().insert_packets(rev)?.0)
 }
 
 /// A certificate with our certification, ready to hand back.

@@ -56,6 +56,8 @@ pub struct HttpOptions {
     pub public_url: Option<String>,
     /// Reverse proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<IpNet>,
+    /// Who may call the login check.
+    pub login: crate::config::LoginAccess,
 }
 
 /// The API's router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that

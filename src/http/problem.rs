@@ -134,6 +134,32 @@ impl Problem {
                 "Verification locked",
                 detail,
             ),
+            Error::NoAccount => Self::new(
+                StatusCode::NOT_FOUND,
+                "no-account",
+                "No such account",
+                detail,
+            ),
+            Error::LoginRefused(r) => Self::new(
+                StatusCode::FORBIDDEN,
+                "login-refused",
+                "Login refused",
+                detail,
+            )
+            .with("check", json!(r.code())),
+            Error::RolloverRefused(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "rollover-refused",
+                "Key rollover refused",
+                detail,
+            ),
+            Error::Forbidden(f) => {
+                Self::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
+                    .with("reason", json!(f.code()))
+            }
+            Error::KeyChanged => {
+                Self::new(StatusCode::CONFLICT, "key-changed", "Key changed", detail)
+            }
             Error::NotFound => Self::new(
                 StatusCode::NOT_FOUND,
                 "not-found",

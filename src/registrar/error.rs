@@ -3,7 +3,8 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::openpgp::KeyError;
+use crate::login_cert::LoginCertError;
+use crate::openpgp::{KeyError, RolloverError};
 use crate::phone::PhoneError;
 
 /// Why registration refuses a request outright.
@@ -133,9 +134,83 @@ pub enum Error {
     /// The verification was completed with another code or key.
     #[error("this verification is already completed")]
     AlreadyVerified,
+    /// No account is registered under this id.
+    #[error("no account is registered under this id")]
+    NoAccount,
+    /// A login certificate is refused.
+    #[error("login refused: {0}")]
+    LoginRefused(LoginRefusal),
+    /// A key rollover is refused.
+    #[error("key rollover refused: {0}")]
+    RolloverRefused(#[from] RolloverError),
+    /// The request is not authorised by the account.
+    #[error("{}", .0.text())]
+    Forbidden(AuthFailure),
+    /// The account's key changed while the request was served.
+    #[error("the account's key changed meanwhile; fetch it and try again")]
+    KeyChanged,
     /// A failure inside the service. The detail is logged where it happens, never shown.
     #[error("internal error")]
     Internal,
+}
+
+/// Why a login certificate is refused: a check of the certificate itself, or of our store.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LoginRefusal {
+    /// The certificate failed a check.
+    #[error("{0}")]
+    Certificate(#[from] LoginCertError),
+    /// The certificate names an account we do not have (removed, or never registered here).
+    #[error("the account is not registered")]
+    UnknownAccount,
+    /// The key is not the account's current key (replaced by a re-registration or rollover).
+    #[error("the key is not the account's current key; it was replaced")]
+    KeyReplaced,
+}
+
+impl LoginRefusal {
+    /// Which check failed, as a stable kebab-case name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Certificate(e) => e.code(),
+            Self::UnknownAccount => "unknown-account",
+            Self::KeyReplaced => "key-replaced",
+        }
+    }
+}
+
+/// Why a request that the account must authorise is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Over XMPP: the request does not come from the account's own JID.
+    NotAccountJid,
+    /// The signature is not a valid signature of the request by the account's current key.
+    BadSignature,
+    /// The signed timestamp is too far from now.
+    Stale,
+    /// The nonce was used before: a replayed request.
+    Replayed,
+}
+
+impl AuthFailure {
+    /// The stable name transports show.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::NotAccountJid => "not-account-jid",
+            Self::BadSignature => "bad-signature",
+            Self::Stale => "stale-timestamp",
+            Self::Replayed => "replayed",
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Self::NotAccountJid => "only the account itself may do this",
+            Self::BadSignature => "the signature does not verify with the account's current key",
+            Self::Stale => "the signed timestamp is too far from the server's time",
+            Self::Replayed => "this signed request was already used",
+        }
+    }
 }
 
 fn refusal_text(r: &Refusal) -> String {

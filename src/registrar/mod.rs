@@ -11,6 +11,7 @@
 //! database agree.
 
 pub mod abuse;
+mod accounts;
 pub mod dispatch;
 mod error;
 mod guard;
@@ -27,14 +28,16 @@ use registrar_providers::{
 };
 
 pub use abuse::AbuseSettings;
+pub use accounts::{Event, RemovalProof, removal_message};
 pub use dispatch::{DispatchSettings, Dispatcher, Route};
-pub use error::{Error, Limit, Refusal};
+pub use error::{AuthFailure, Error, Limit, LoginRefusal, Refusal};
 pub use guard::{Origin, SpendLine};
 pub use registrar_providers::Challenge;
 pub use templates::Templates;
 pub use types::{BadCode, BadVerificationId, CODE_LENGTHS, Code, VerificationId};
 
 use crate::clock::Clock;
+use crate::login_cert::Trust;
 use crate::openpgp::{self, ServerKey, UserKey};
 use crate::phone::{AccountId, PhoneNumber, PhonePolicy};
 use crate::secret::ServerSecret;
@@ -78,6 +81,10 @@ pub struct Settings {
     pub templates: Templates,
     /// Rate limits, lists, pumping defence, caps, test numbers.
     pub abuse: AbuseSettings,
+    /// How far a signed request's timestamp may be from now.
+    pub signature_max_age: Duration,
+    /// Where events about replaced keys and removed accounts go (`webhook`, `xmpp`).
+    pub event_sinks: Vec<String>,
 }
 
 impl Default for Settings {
@@ -98,6 +105,8 @@ impl Default for Settings {
             default_challenge: Challenge::Pin,
             templates: Templates::default(),
             abuse: AbuseSettings::default(),
+            signature_max_age: Duration::from_secs(300),
+            event_sinks: Vec::new(),
         }
     }
 }
@@ -200,6 +209,8 @@ pub struct Registrar {
     server_key: Arc<ServerKey>,
     secret: ServerSecret,
     clock: Arc<dyn Clock>,
+    trust: Trust,
+    events_waker: Arc<tokio::sync::Notify>,
 }
 
 /// The provider name recorded for test numbers.
@@ -235,6 +246,8 @@ impl Registrar {
         secret: ServerSecret,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        let trust =
+            Trust::new(settings.domain.clone()).with_key(server_key.public_cert().clone(), None);
         Self {
             settings,
             store,
@@ -242,6 +255,8 @@ impl Registrar {
             server_key,
             secret,
             clock,
+            trust,
+            events_waker: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -977,9 +992,13 @@ impl Registrar {
             public_key: certified.bytes.clone(),
             replace_account: v.force,
             now: ts(now),
+            notice: self.notice(),
         };
         match self.store.complete(&v.id, &v.account, &completion).await? {
             CompleteOutcome::Done => {
+                if v.force {
+                    self.events_waker.notify_waiters();
+                }
                 if !self.is_test_number(&v.phone) {
                     self.count_completed(&phone, v.created_at).await;
                 }

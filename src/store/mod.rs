@@ -206,6 +206,82 @@ pub struct Completion {
     pub replace_account: bool,
     /// Now.
     pub now: i64,
+    /// The event to record when an account's key is replaced.
+    pub notice: Notice,
+}
+
+/// An event to record with an account change, for each configured sink (none: no event). The
+/// store fills in the fingerprints from the rows it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Notice {
+    /// Shared by the event's rows (one per sink).
+    pub event_id: String,
+    /// The sinks to deliver to (`webhook`, `xmpp`).
+    pub sinks: Vec<String>,
+}
+
+/// What happened to an account, for the XMPP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A forced re-registration replaced the key.
+    KeyReplaced,
+    /// The owner replaced the key with one signed by the old key.
+    KeyRolledOver,
+    /// The account was removed.
+    AccountRemoved,
+}
+
+impl EventKind {
+    /// The stable name in events and rows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::KeyReplaced => "key-replaced",
+            Self::KeyRolledOver => "key-rolled-over",
+            Self::AccountRemoved => "account-removed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [Self::KeyReplaced, Self::KeyRolledOver, Self::AccountRemoved]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// An undelivered event, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    /// Row id (per sink).
+    pub id: i64,
+    /// The event's id, the same for every sink.
+    pub event_id: String,
+    /// What happened.
+    pub kind: EventKind,
+    /// The account.
+    pub account: String,
+    /// The key that stops working.
+    pub old_fingerprint: Option<String>,
+    /// The key that replaces it (none for a removal).
+    pub new_fingerprint: Option<String>,
+    /// When it happened.
+    pub occurred_at: i64,
+    /// Failed deliveries so far.
+    pub attempts: u32,
+}
+
+/// A key rollover: the account's key `old` is replaced by `new`, if it still is `old`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    /// Fingerprint of the key being replaced.
+    pub old_fingerprint: String,
+    /// Fingerprint of the new key.
+    pub new_fingerprint: String,
+    /// The new key with our certification.
+    pub public_key: Vec<u8>,
+    /// Now.
+    pub now: i64,
+    /// The event to record.
+    pub notice: Notice,
 }
 
 /// How a completion went.
@@ -366,6 +442,40 @@ pub trait Store: Send + Sync {
 
     /// The spend counters from UTC day `since_day` on.
     async fn spend(&self, since_day: i64) -> Result<Vec<SpendRecord>, StoreError>;
+
+    /// Replaces the account's key if it still is `c.old_fingerprint`, recording the event in the
+    /// same transaction; whether it did.
+    async fn replace_key(&self, account: &str, c: &KeyChange) -> Result<bool, StoreError>;
+
+    /// Deletes the account if its key still is `fingerprint` (and its verifications), recording
+    /// the event in the same transaction; whether it did.
+    async fn remove_account(
+        &self,
+        account: &str,
+        fingerprint: &str,
+        now: i64,
+        notice: &Notice,
+    ) -> Result<bool, StoreError>;
+
+    /// Records a nonce until `expires_at`; false when it was already recorded (a replay).
+    async fn use_nonce(&self, key: &str, expires_at: i64) -> Result<bool, StoreError>;
+
+    /// Claims up to `limit` undelivered events for `sink` that are due at `now`: each is held
+    /// until `lease_until` (when it is tried again unless marked delivered), so that instances
+    /// sharing the database do not deliver it at the same time.
+    async fn claim_events(
+        &self,
+        sink: &str,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError>;
+
+    /// Deletes a delivered event row.
+    async fn event_delivered(&self, id: i64) -> Result<(), StoreError>;
+
+    /// Counts a failed delivery and sets the next try.
+    async fn event_failed(&self, id: i64, next_attempt_at: i64) -> Result<(), StoreError>;
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;

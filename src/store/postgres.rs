@@ -9,10 +9,11 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
-use super::sql::{db, migration_error};
+use super::sql::{db, insert_events, migration_error};
 use super::{
-    AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, RateBucket, Renewal,
-    Requester, SentRecord, SpendRecord, Store, StoreError, TryLimits, VerificationRecord,
+    AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, EventKind,
+    EventRecord, KeyChange, Notice, RateBucket, Renewal, Requester, SentRecord, SpendRecord, Store,
+    StoreError, TryLimits, VerificationRecord,
 };
 use crate::registrar::abuse;
 

@@ -42,6 +42,30 @@ pub(super) fn migration_error(e: sqlx::migrate::MigrateError) -> StoreError {
     }
 }
 
+/// Inserts one `events` row per sink of `$notice` inside transaction `$tx`.
+macro_rules! insert_events {
+    ($tx:ident, $notice:expr, $kind:expr, $account:expr, $old:expr, $new:expr, $now:expr) => {
+        for sink in &$notice.sinks {
+            sqlx::query(
+                "INSERT INTO events (event_id, sink, kind, account, old_fingerprint, \
+                 new_fingerprint, occurred_at, next_attempt_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7)",
+            )
+            .bind(&$notice.event_id)
+            .bind(sink)
+            .bind($kind.as_str())
+            .bind($account)
+            .bind($old)
+            .bind($new)
+            .bind($now)
+            .execute(&mut *$tx)
+            .await
+            .map_err(db)?;
+        }
+    };
+}
+pub(super) use insert_events;
+
 /// Implements [`Store`](super::Store) for `$store` (a struct with a `pool` field).
 macro_rules! sql_store {
     ($store:ident, $row:ty, $begin:literal, $kind:literal, $for_update:literal) => {
@@ -342,14 +366,22 @@ impl Store for $store {
         if marked.rows_affected() == 0 {
             return Ok(CompleteOutcome::NotPending);
         }
-        let exists = sqlx::query("SELECT 1 FROM accounts WHERE id = $1")
-            .bind(account)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?
-            .is_some();
-        if exists && !c.replace_account {
+        let previous: Option<String> =
+            sqlx::query(concat!("SELECT fingerprint FROM accounts WHERE id = $1", $for_update))
+                .bind(account)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?
+                .map(|r| r.try_get("fingerprint"))
+                .transpose()
+                .map_err(db)?;
+        if previous.is_some() && !c.replace_account {
             return Ok(CompleteOutcome::AccountExists);
+        }
+        // A forced re-registration with another key: the old key's sessions must go.
+        if let Some(old) = previous.filter(|old| *old != c.fingerprint) {
+            insert_events!(tx, c.notice, EventKind::KeyReplaced, account, Some(old.as_str()),
+                Some(c.fingerprint.as_str()), c.now);
         }
         sqlx::query(
             "INSERT INTO accounts (id, fingerprint, public_key, created_at, updated_at) \
@@ -402,6 +434,7 @@ impl Store for $store {
             ("DELETE FROM traffic WHERE bucket < $1", abuse::bucket(now - super::TRAFFIC_RETENTION)),
             ("DELETE FROM daily_sends WHERE day < $1", abuse::day(now) - 2),
             ("DELETE FROM spend WHERE day < $1", abuse::day(now - super::SPEND_RETENTION)),
+            ("DELETE FROM nonces WHERE expires_at < $1", now),
         ];
         for (query, before) in old {
             sqlx::query(query).bind(before).execute(&self.pool).await.map_err(db)?;
@@ -680,6 +713,140 @@ impl Store for $store {
                 })
             })
             .collect()
+    }
+
+    async fn replace_key(&self, account: &str, c: &KeyChange) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+        let r = sqlx::query(
+            "UPDATE accounts SET fingerprint = $3, public_key = $4, updated_at = $5 \
+             WHERE id = $1 AND fingerprint = $2",
+        )
+        .bind(account)
+        .bind(&c.old_fingerprint)
+        .bind(&c.new_fingerprint)
+        .bind(&c.public_key)
+        .bind(c.now)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if r.rows_affected() == 0 {
+            return Ok(false);
+        }
+        insert_events!(tx, c.notice, EventKind::KeyRolledOver, account,
+            Some(c.old_fingerprint.as_str()), Some(c.new_fingerprint.as_str()), c.now);
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn remove_account(
+        &self,
+        account: &str,
+        fingerprint: &str,
+        now: i64,
+        notice: &Notice,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+        let r = sqlx::query("DELETE FROM accounts WHERE id = $1 AND fingerprint = $2")
+            .bind(account)
+            .bind(fingerprint)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if r.rows_affected() == 0 {
+            return Ok(false);
+        }
+        // A verification still held for the account (with its number) goes with it.
+        sqlx::query("DELETE FROM verifications WHERE account = $1")
+            .bind(account)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        insert_events!(tx, *notice, EventKind::AccountRemoved, account, Some(fingerprint),
+            None::<&str>, now);
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn use_nonce(&self, key: &str, expires_at: i64) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT INTO nonces (key, expires_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn claim_events(
+        &self,
+        sink: &str,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, event_id, kind, account, old_fingerprint, new_fingerprint, occurred_at, \
+             attempts, next_attempt_at FROM events WHERE sink = $1 AND next_attempt_at <= $2 \
+             ORDER BY id LIMIT $3",
+        )
+        .bind(sink)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: i64 = r.try_get("id").map_err(db)?;
+            let due: i64 = r.try_get("next_attempt_at").map_err(db)?;
+            // Taken only if no other instance took it since the read.
+            let took = sqlx::query(
+                "UPDATE events SET next_attempt_at = $3 WHERE id = $1 AND next_attempt_at = $2",
+            )
+            .bind(id)
+            .bind(due)
+            .bind(lease_until)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+            if took.rows_affected() == 0 {
+                continue;
+            }
+            let kind: String = r.try_get("kind").map_err(db)?;
+            claimed.push(EventRecord {
+                id,
+                event_id: r.try_get("event_id").map_err(db)?,
+                kind: EventKind::parse(&kind)
+                    .ok_or_else(|| StoreError::Database(format!("unknown event kind {kind:?}")))?,
+                account: r.try_get("account").map_err(db)?,
+                old_fingerprint: r.try_get("old_fingerprint").map_err(db)?,
+                new_fingerprint: r.try_get("new_fingerprint").map_err(db)?,
+                occurred_at: r.try_get("occurred_at").map_err(db)?,
+                attempts: r.try_get::<i32, _>("attempts").map_err(db)?.max(0) as u32,
+            });
+        }
+        Ok(claimed)
+    }
+
+    async fn event_delivered(&self, id: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM events WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn event_failed(&self, id: i64, next_attempt_at: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE events SET attempts = attempts + 1, next_attempt_at = $2 WHERE id = $1")
+            .bind(id)
+            .bind(next_attempt_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
     }
 
     fn kind(&self) -> &'static str {

@@ -11,10 +11,11 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use super::sql::{db, migration_error};
+use super::sql::{db, insert_events, migration_error};
 use super::{
-    AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, RateBucket, Renewal,
-    Requester, SentRecord, SpendRecord, Store, StoreError, TryLimits, VerificationRecord,
+    AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, EventKind,
+    EventRecord, KeyChange, Notice, RateBucket, Renewal, Requester, SentRecord, SpendRecord, Store,
+    StoreError, TryLimits, VerificationRecord,
 };
 use crate::registrar::abuse;
 

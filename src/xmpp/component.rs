@@ -211,6 +211,7 @@ mod tests {
             jid: "register.localhost".into(),
             secret: "s".into(),
             ping_interval: Duration::from_secs(60),
+            events_to: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let app = crate::App::build(

@@ -48,7 +48,11 @@ pub fn from_error(e: &Error, now: DateTime<Utc>) -> StanzaError {
         | Error::IdempotencyKeyReused
         | Error::InvalidPhone(_)
         | Error::WrongCode { .. }
-        | Error::BadKey(_) => stanza_error(T::Modify, C::BadRequest, &text),
+        | Error::BadKey(_)
+        | Error::RolloverRefused(_) => stanza_error(T::Modify, C::BadRequest, &text),
+        Error::NoAccount => stanza_error(T::Cancel, C::ItemNotFound, &text),
+        Error::LoginRefused(_) | Error::Forbidden(_) => stanza_error(T::Auth, C::Forbidden, &text),
+        Error::KeyChanged => stanza_error(T::Wait, C::Conflict, &text),
         Error::Conflict => stanza_error(T::Modify, C::Conflict, &text),
         Error::NotAllowed(Refusal::TermsNotAccepted { .. }) => {
             stanza_error(T::Modify, C::NotAllowed, &text)

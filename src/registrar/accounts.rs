@@ -1,0 +1,356 @@
+//! Registered accounts after registration: the login check, key rollover, removal, and the
+//! events that tell the XMPP server when a key stops working.
+//!
+//! A login certificate is judged by [`crate::login_cert::verify`] against the trusted server keys
+//! and then against the store: the key must be the account's current key. A rollover is
+//! authorised by the old key itself (a certification on the new key), a removal by the account's
+//! JID (XMPP, where the server authenticated it) or by a detached signature of the account's key
+//! over [`removal_message`] with a fresh timestamp and a nonce used once. Every change that ends a
+//! key's life writes an event in the same transaction; transports claim and deliver them.
+
+use std::time::{Duration, SystemTime};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::{AuthFailure, Error, LoginRefusal, Registered, Registrar, at, secs, ts};
+use crate::login_cert::{self, LoginIdentity, Trust};
+use crate::openpgp::{self, UserKey};
+use crate::phone::AccountId;
+use crate::store::{EventRecord, KeyChange, Notice};
+
+/// How long a claimed event is held before another delivery may try it.
+const EVENT_LEASE: i64 = 60;
+
+/// The longest wait between two tries of an event.
+const EVENT_RETRY_MAX: i64 = 3600;
+
+/// Events claimed at once.
+const EVENT_BATCH: u32 = 50;
+
+/// How a removal is authorised.
+#[derive(Debug, Clone)]
+pub enum RemovalProof {
+    /// The request comes from this bare JID, as the XMPP server authenticated it.
+    Jid(String),
+    /// A detached OpenPGP signature by the account's current key over
+    /// [`removal_message`]`(jid, timestamp, nonce)`.
+    Signed {
+        /// Unix seconds, within `signature_max_age` of now.
+        timestamp: i64,
+        /// Used once: 16 to 128 characters `A-Z a-z 0-9 - _`.
+        nonce: String,
+        /// The signature, ASCII-armored or binary.
+        signature: Vec<u8>,
+    },
+}
+
+/// The exact text a client signs to remove its account `jid` (`<account>@<domain>`): four lines,
+/// each ending in a newline.
+pub fn removal_message(jid: &str, timestamp: i64, nonce: &str) -> String {
+    format!(
+        "kontalk-registrar account removal\naccount: {jid}\ntimestamp: {timestamp}\nnonce: {nonce}\n"
+    )
+}
+
+fn valid_nonce(nonce: &str) -> bool {
+    (16..=128).contains(&nonce.len())
+        && nonce
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// An event for the XMPP server: the key `old_fingerprint` of `jid` stops working.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// Row id of this delivery (not shown).
+    #[serde(skip)]
+    pub row: i64,
+    /// The event's id: the same in every sink and every retry (drop duplicates by it).
+    pub id: String,
+    /// `key-replaced`, `key-rolled-over` or `account-removed`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The account id.
+    pub account: String,
+    /// The account's bare JID.
+    pub jid: String,
+    /// The key whose sessions must end.
+    pub old_fingerprint: Option<String>,
+    /// The key that replaces it, if any.
+    pub new_fingerprint: Option<String>,
+    /// When it happened.
+    pub at: DateTime<Utc>,
+    /// Failed deliveries before this one (not shown).
+    #[serde(skip)]
+    pub attempts: u32,
+}
+
+impl Registrar {
+    /// Adds previous server keys whose certifications still log in until their end date.
+    pub fn with_previous_keys(
+        mut self,
+        keys: impl IntoIterator<Item = (sequoia_openpgp::Cert, SystemTime)>,
+    ) -> Self {
+        for (cert, until) in keys {
+            self.trust = self.trust.with_key(cert, Some(until));
+        }
+        self
+    }
+
+    /// The server keys a login is judged against (current first).
+    pub fn trust(&self) -> &Trust {
+        &self.trust
+    }
+
+    /// Woken when an event was recorded here (events from other instances are found by polling).
+    pub fn events_waker(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.events_waker.clone()
+    }
+
+    pub(super) fn notice(&self) -> Notice {
+        Notice {
+            event_id: hex::encode(rand::random::<[u8; 16]>()),
+            sinks: self.settings.event_sinks.clone(),
+        }
+    }
+
+    /// Checks a login certificate (PEM or DER): the certificate's own checks (see
+    /// [`login_cert::verify`]), then that its key is the account's current key.
+    pub async fn check_login(&self, certificate: Vec<u8>) -> Result<LoginIdentity, Error> {
+        let trust = self.trust.clone();
+        let now = SystemTime::from(self.clock.now());
+        let identity =
+            tokio::task::spawn_blocking(move || login_cert::verify(&certificate, &trust, now))
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "login check task failed");
+                    Error::Internal
+                })?
+                .map_err(|e| Error::LoginRefused(LoginRefusal::Certificate(e)))?;
+        let refused = |r: LoginRefusal| {
+            tracing::info!(account = %identity.account, check = r.code(), "login refused");
+            Err(Error::LoginRefused(r))
+        };
+        match self.store.account(&identity.account).await? {
+            None => refused(LoginRefusal::UnknownAccount),
+            Some(a) if !a.fingerprint.eq_ignore_ascii_case(&identity.fingerprint) => {
+                refused(LoginRefusal::KeyReplaced)
+            }
+            Some(_) => Ok(identity),
+        }
+    }
+
+    /// Replaces `account`'s key with `key`, certified by the current key (see
+    /// [`openpgp::check_rollover`]); `revoked` is the old key with its revocation, when the client
+    /// sends it. No message is sent: the old key is the proof.
+    pub async fn roll_over(
+        &self,
+        account: &AccountId,
+        key: UserKey,
+        revoked: Option<UserKey>,
+    ) -> Result<Registered, Error> {
+        let record = self
+            .store
+            .account(account.as_str())
+            .await?
+            .ok_or(Error::NoAccount)?;
+        let email = account.jid(&self.settings.domain);
+        let now = self.clock.now();
+        let when = SystemTime::from(now);
+        let old = openpgp::parse_cert(&record.public_key).map_err(|e| {
+            tracing::error!(account = %account, error = %e, "stored key does not parse");
+            Error::Internal
+        })?;
+        let server = self.server_key.clone();
+        let certified = {
+            let email = email.clone();
+            tokio::task::spawn_blocking(move || -> Result<_, Error> {
+                openpgp::check_user_key(&key, &email, when)?;
+                openpgp::check_rollover(&key, &old, &email, revoked.as_ref(), when)?;
+                server.certify(&key, &email, when).map_err(|e| {
+                    tracing::error!(error = %e, "certification failed");
+                    Error::Internal
+                })
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "rollover task failed");
+                Error::Internal
+            })??
+        };
+        let change = KeyChange {
+            old_fingerprint: record.fingerprint.clone(),
+            new_fingerprint: certified.fingerprint.clone(),
+            public_key: certified.bytes.clone(),
+            now: ts(now),
+            notice: self.notice(),
+        };
+        if !self.store.replace_key(account.as_str(), &change).await? {
+            return Err(Error::KeyChanged);
+        }
+        self.events_waker.notify_waiters();
+        tracing::info!(
+            account = %account,
+            old = %record.fingerprint,
+            new = %certified.fingerprint,
+            "key rolled over"
+        );
+        Ok(Registered {
+            jid: email,
+            account: account.clone(),
+            fingerprint: certified.fingerprint,
+            public_key: certified.bytes,
+        })
+    }
+
+    /// Removes `account`, authorised by `proof`.
+    pub async fn remove(&self, account: &AccountId, proof: RemovalProof) -> Result<(), Error> {
+        let jid = account.jid(&self.settings.domain);
+        let forbidden = |f: AuthFailure| {
+            tracing::info!(account = %account, reason = f.code(), "removal refused");
+            Error::Forbidden(f)
+        };
+        if let RemovalProof::Jid(from) = &proof
+            && !from.eq_ignore_ascii_case(&jid)
+        {
+            return Err(forbidden(AuthFailure::NotAccountJid));
+        }
+        let record = self
+            .store
+            .account(account.as_str())
+            .await?
+            .ok_or(Error::NoAccount)?;
+        let now = self.clock.now();
+        if let RemovalProof::Signed {
+            timestamp,
+            nonce,
+            signature,
+        } = proof
+        {
+            if !valid_nonce(&nonce) {
+                return Err(Error::BadRequest(
+                    "the nonce must be 16 to 128 characters of A-Z, a-z, 0-9, - and _".into(),
+                ));
+            }
+            let max_age = secs(self.settings.signature_max_age);
+            if timestamp.abs_diff(ts(now)) > max_age.unsigned_abs() {
+                return Err(forbidden(AuthFailure::Stale));
+            }
+            let key = openpgp::parse_cert(&record.public_key).map_err(|e| {
+                tracing::error!(account = %account, error = %e, "stored key does not parse");
+                Error::Internal
+            })?;
+            let message = removal_message(&jid, timestamp, &nonce);
+            let when = SystemTime::from(now);
+            let good = tokio::task::spawn_blocking(move || {
+                openpgp::verify_detached(&key, message.as_bytes(), &signature, when)
+            })
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "signature task failed");
+                Error::Internal
+            })?;
+            if !good {
+                return Err(forbidden(AuthFailure::BadSignature));
+            }
+            // Kept until the timestamp could no longer be accepted anyway.
+            let key = format!("remove:{}:{nonce}", account.as_str());
+            if !self
+                .store
+                .use_nonce(&key, timestamp.saturating_add(max_age))
+                .await?
+            {
+                return Err(forbidden(AuthFailure::Replayed));
+            }
+        }
+        if !self
+            .store
+            .remove_account(
+                account.as_str(),
+                &record.fingerprint,
+                ts(now),
+                &self.notice(),
+            )
+            .await?
+        {
+            return Err(Error::KeyChanged);
+        }
+        self.events_waker.notify_waiters();
+        tracing::info!(account = %account, "account removed");
+        Ok(())
+    }
+
+    /// Claims the due events for `sink`; deliver each, then report with
+    /// [`Registrar::event_delivered`] or [`Registrar::event_failed`].
+    pub async fn claim_events(&self, sink: &str) -> Result<Vec<Event>, Error> {
+        let now = ts(self.clock.now());
+        let records = self
+            .store
+            .claim_events(sink, now, now + EVENT_LEASE, EVENT_BATCH)
+            .await?;
+        Ok(records.into_iter().map(|r| self.event(r)).collect())
+    }
+
+    fn event(&self, r: EventRecord) -> Event {
+        let account = AccountId::for_stored(&r.account);
+        Event {
+            row: r.id,
+            id: r.event_id,
+            kind: r.kind.as_str(),
+            jid: account.jid(&self.settings.domain),
+            account: r.account,
+            old_fingerprint: r.old_fingerprint,
+            new_fingerprint: r.new_fingerprint,
+            at: at(r.occurred_at),
+            attempts: r.attempts,
+        }
+    }
+
+    /// Marks an event delivered.
+    pub async fn event_delivered(&self, event: &Event) -> Result<(), Error> {
+        Ok(self.store.event_delivered(event.row).await?)
+    }
+
+    /// Schedules another try of an event, waiting longer after each failure (5 s doubling up to
+    /// an hour).
+    pub async fn event_failed(&self, event: &Event) -> Result<Duration, Error> {
+        let wait = (5i64 << event.attempts.min(12)).min(EVENT_RETRY_MAX);
+        self.store
+            .event_failed(event.row, ts(self.clock.now()) + wait)
+            .await?;
+        Ok(Duration::from_secs(wait.unsigned_abs()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::EventKind;
+
+    #[test]
+    fn the_removal_message_is_four_lines() {
+        assert_eq!(
+            removal_message("abc@example.org", 1_700_000_000, "n0nce-n0nce-n0nce"),
+            "kontalk-registrar account removal\naccount: abc@example.org\n\
+             timestamp: 1700000000\nnonce: n0nce-n0nce-n0nce\n"
+        );
+    }
+
+    #[test]
+    fn nonces_are_long_and_plain() {
+        assert!(valid_nonce("0123456789abcdef"));
+        assert!(valid_nonce(&"a".repeat(128)));
+        assert!(!valid_nonce("short"));
+        assert!(!valid_nonce(&"a".repeat(129)));
+        assert!(!valid_nonce("0123456789abcdef\n"));
+        assert!(!valid_nonce("0123456789 abcdef"));
+    }
+
+    #[test]
+    fn event_kinds_have_stable_names() {
+        assert_eq!(EventKind::KeyReplaced.as_str(), "key-replaced");
+        assert_eq!(EventKind::KeyRolledOver.as_str(), "key-rolled-over");
+        assert_eq!(EventKind::AccountRemoved.as_str(), "account-removed");
+    }
+}
