@@ -1,7 +1,8 @@
 //! `kontalk-registrar client register`: the whole registration as a real client does it, over the
 //! HTTP API. It starts the verification, generates a key whose User ID names the account, reads
 //! the code, submits code and key, checks the returned certification against the server key, and
-//! writes the certified key (binary and armored) and the secret key to files.
+//! writes the certified key (binary and armored), the secret key, and the bridge certificate to
+//! log in with (and its private key) to files.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -48,6 +49,10 @@ pub struct Registration {
     pub public_armored: PathBuf,
     /// Secret key with the certification, armored (0600).
     pub secret_armored: PathBuf,
+    /// The bridge certificate to log in with (PEM).
+    pub certificate: PathBuf,
+    /// The certificate's private key, PKCS#8 PEM (0600).
+    pub certificate_key: PathBuf,
 }
 
 fn http_client() -> anyhow::Result<reqwest::Client> {
@@ -195,11 +200,22 @@ fn write_files(
         std::fs::remove_file(&secret_armored)?;
     }
     crate::fsutil::write_private(&secret_armored, &openpgp::secret_armored(with_secret)?)?;
+    // The X.509 certificate a Kontalk client logs in with, and its key, as TLS clients take them.
+    let bridge = crate::login_cert::build(with_secret, jid, std::time::SystemTime::now())?;
+    let certificate = dir.join(format!("{account}.crt.pem"));
+    let certificate_key = dir.join(format!("{account}.crt.key.pem"));
+    std::fs::write(&certificate, bridge.pem())?;
+    if certificate_key.exists() {
+        std::fs::remove_file(&certificate_key)?;
+    }
+    crate::fsutil::write_private(&certificate_key, bridge.private_key_pem().as_bytes())?;
     Ok(Registration {
         jid: jid.to_owned(),
         fingerprint: certified.fingerprint().to_hex(),
         public_binary,
         public_armored,
         secret_armored,
+        certificate,
+        certificate_key,
     })
 }

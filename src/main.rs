@@ -73,6 +73,25 @@ enum Command {
     /// Operator tools for the abuse counters: spend, daily caps, SMS-pumping blocks.
     #[command(subcommand)]
     Abuse(AbuseCommand),
+    /// Login (bridge) certificates.
+    #[command(subcommand)]
+    LoginCert(LoginCertCommand),
+}
+
+#[derive(Subcommand)]
+enum LoginCertCommand {
+    /// Checks a login certificate (PEM or DER) as the XMPP server would: the certificate, our
+    /// certification on its key, and that the key is the account's current key in the
+    /// database. Prints the account and exits 0, or prints the failed check and exits 1.
+    Verify {
+        /// The certificate file (`-` for standard input).
+        file: PathBuf,
+        /// Print the result as JSON (`{"jid", "account", "fingerprint"}` or `{"refused", "check"}`).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -261,6 +280,63 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::LoginCert(LoginCertCommand::Verify { file, json, config }) => {
+            let input = if file.as_os_str() == "-" {
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(std::io::stdin(), 1024 * 1024 + 1),
+                    &mut buf,
+                )?;
+                if buf.len() > 1024 * 1024 {
+                    anyhow::bail!("standard input: larger than 1 MiB, not a login certificate");
+                }
+                buf
+            } else {
+                let size = std::fs::metadata(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+                    .len();
+                if size > 1024 * 1024 {
+                    anyhow::bail!(
+                        "{}: larger than 1 MiB, not a login certificate",
+                        file.display()
+                    );
+                }
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let config = load(&config, None)?;
+            init_logging("warn");
+            let app = kontalk_registrar::offline_app(config).await?;
+            let outcome = app.registrar.check_login(input).await;
+            // Close the database before a refusal exits the process.
+            drop(app);
+            match outcome {
+                Ok(id) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"jid": id.jid, "account": id.account, "fingerprint": id.fingerprint})
+                        );
+                    } else {
+                        println!("accepted {}", id.jid);
+                        println!("account {}", id.account);
+                        println!("fingerprint {}", id.fingerprint);
+                    }
+                    Ok(())
+                }
+                Err(kontalk_registrar::registrar::Error::LoginRefused(r)) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"refused": r.to_string(), "check": r.code()})
+                        );
+                    } else {
+                        println!("refused {}: {r}", r.code());
+                    }
+                    std::process::exit(1);
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
         Command::Client(ClientCommand::Register {
             phone,
             server,
@@ -290,6 +366,8 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             println!("certified key {}", r.public_binary.display());
             println!("certified key (armored) {}", r.public_armored.display());
             println!("secret key {}", r.secret_armored.display());
+            println!("login certificate {}", r.certificate.display());
+            println!("login certificate key {}", r.certificate_key.display());
             Ok(())
         }
     }

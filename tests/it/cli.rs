@@ -525,3 +525,148 @@ fn provider_test_sends_one_message_through_the_named_provider() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+/// Runs `client register` against `url`, typing the code the development outbox receives.
+fn register_with_client(url: &str, outbox: &Path, out: &Path, force: bool) -> String {
+    let before = std::fs::read_to_string(outbox)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let mut client = Command::new(BIN)
+        .args(["client", "register", EMULATOR, "--server", url, "--out"])
+        .arg(out)
+        .args(force.then_some("--force"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        let text = std::fs::read_to_string(outbox).unwrap_or_default();
+        if text.lines().count() > before {
+            break outbox_code(outbox, EMULATOR).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no new code in the outbox");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    writeln!(client.stdin.take().unwrap(), "{code}").unwrap();
+    let result = client.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&result.stdout).into_owned();
+    assert!(
+        result.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    stdout
+}
+
+/// `login-cert verify` in `dir` (whose `./data` the server uses); exit status and stdout.
+fn login_cert_verify(dir: &Path, args: &[&str], stdin: Option<&[u8]>) -> (bool, String) {
+    let mut child = Command::new(BIN)
+        .current_dir(dir)
+        .args(["login-cert", "verify"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).unwrap();
+    }
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn openssl(args: &[&str]) -> String {
+    let out = Command::new("openssl").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn the_client_writes_a_login_certificate_that_openssl_reads_and_login_cert_verify_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(dir.path(), &[]);
+    let outbox = dir.path().join("data/outbox.jsonl");
+    let out = dir.path().join("keys");
+    let stdout = register_with_client(&url, &outbox, &out, false);
+    let cert = out.join(format!("{EMULATOR_ACCOUNT}.crt.pem"));
+    let key = out.join(format!("{EMULATOR_ACCOUNT}.crt.key.pem"));
+    assert!(
+        stdout.contains(&format!("login certificate {}", cert.display())),
+        "{stdout}"
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the certificate's key is private");
+
+    // OpenSSL reads the certificate, and the key file is the certificate's key.
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let text = openssl(&["x509", "-in", cert_s, "-noout", "-text"]);
+    assert!(
+        text.contains("O=OpenPGP to X.509 Bridge") || text.contains("O = OpenPGP to X.509 Bridge"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2.25.49058212633447845622587297037800555803"),
+        "{text}"
+    );
+    assert_eq!(
+        openssl(&["x509", "-in", cert_s, "-noout", "-pubkey"]),
+        openssl(&["pkey", "-in", key_s, "-pubout"]),
+    );
+
+    let jid = format!("{EMULATOR_ACCOUNT}@localhost");
+    let (ok, said) = login_cert_verify(dir.path(), &[cert_s], None);
+    assert!(ok, "{said}");
+    assert!(said.contains(&format!("accepted {jid}")), "{said}");
+    let (ok, said) = login_cert_verify(
+        dir.path(),
+        &["--json", "-"],
+        Some(&std::fs::read(&cert).unwrap()),
+    );
+    assert!(ok, "{said}");
+    let v: serde_json::Value = serde_json::from_str(said.lines().next().unwrap()).unwrap();
+    assert_eq!(v["jid"], jid.as_str());
+    assert_eq!(v["account"], EMULATOR_ACCOUNT);
+
+    // A forced re-registration replaces the key: the old certificate no longer logs in.
+    let old = dir.path().join("old.crt.pem");
+    std::fs::copy(&cert, &old).unwrap();
+    register_with_client(&url, &outbox, &out, true);
+    let (ok, said) = login_cert_verify(dir.path(), &[old.to_str().unwrap()], None);
+    assert!(!ok, "{said}");
+    assert!(said.contains("refused key-replaced"), "{said}");
+    let (ok, said) = login_cert_verify(dir.path(), &[cert_s], None);
+    assert!(ok, "the new certificate logs in: {said}");
+
+    // Garbage is refused with the check that failed, in JSON too.
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let (ok, said) = login_cert_verify(dir.path(), &["--json", garbage.to_str().unwrap()], None);
+    assert!(!ok);
+    let v: serde_json::Value = serde_json::from_str(said.lines().next().unwrap()).unwrap();
+    assert_eq!(v["check"], "malformed", "{said}");
+    let (ok, said) = login_cert_verify(dir.path(), &["/nonexistent/cert.pem"], None);
+    assert!(!ok);
+    assert!(said.contains("cannot read"), "{said}");
+}

@@ -40,12 +40,12 @@ async fn migrate_then_refuse_a_schema_newer_than_the_binary() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains(&format!("{kind} database is up to date (schema version 4)")),
+        stdout.contains(&format!("{kind} database is up to date (schema version 5)")),
         "{stdout}"
     );
     let store = open_store(&url).await;
     assert_eq!(store.kind(), kind);
-    assert_eq!(store.schema_version().await.unwrap(), 4);
+    assert_eq!(store.schema_version().await.unwrap(), 5);
 
     // A newer binary migrated this database further: this one must refuse it, saying why.
     let newer = "INSERT INTO _sqlx_migrations \
@@ -114,4 +114,156 @@ async fn postgres_over_tls_is_required_when_the_url_says_so() {
     PgStore::open(&format!("{url}?sslmode=prefer"), 1, Duration::from_secs(5))
         .await
         .unwrap();
+}
+
+/// The event outbox and the nonces, as the store keeps them on both backends: events are
+/// written with the account change that causes them, claimed by one deliverer at a time (a
+/// lease), retried after a failure, and gone once delivered; a nonce is accepted once.
+#[tokio::test]
+async fn events_are_leased_retried_and_deleted_and_nonces_are_single_use() {
+    use kontalk_registrar::store::{EventKind, KeyChange, Notice};
+    let dir = tempfile::tempdir().unwrap();
+    let url = database(dir.path()).await;
+    let store = open_store(&url).await;
+    let now = 1_800_000_000;
+    execute(
+        &url,
+        &format!(
+            "INSERT INTO accounts (id, fingerprint, public_key, created_at, updated_at) \
+             VALUES ('{EMULATOR_ACCOUNT}', 'OLD', '', {now}, {now})"
+        ),
+    )
+    .await;
+    let notice = Notice {
+        event_id: "e1".into(),
+        sinks: vec!["webhook".into(), "xmpp".into()],
+    };
+    let change = KeyChange {
+        old_fingerprint: "OLD".into(),
+        new_fingerprint: "NEW".into(),
+        public_key: vec![1, 2, 3],
+        now,
+        notice: notice.clone(),
+    };
+    assert!(store.replace_key(EMULATOR_ACCOUNT, &change).await.unwrap());
+    // A second rollover from the same old key finds the key changed: nothing written.
+    assert!(!store.replace_key(EMULATOR_ACCOUNT, &change).await.unwrap());
+    let account = store.account(EMULATOR_ACCOUNT).await.unwrap().unwrap();
+    assert_eq!(account.fingerprint, "NEW");
+
+    // One row per sink; a claim holds it until the lease ends.
+    let claimed = store
+        .claim_events("webhook", now, now + 60, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    let e = &claimed[0];
+    assert_eq!(
+        (e.kind, e.event_id.as_str(), e.account.as_str()),
+        (EventKind::KeyRolledOver, "e1", EMULATOR_ACCOUNT)
+    );
+    assert_eq!(
+        (e.old_fingerprint.as_deref(), e.new_fingerprint.as_deref()),
+        (Some("OLD"), Some("NEW"))
+    );
+    assert!(
+        store
+            .claim_events("webhook", now + 30, now + 90, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A deliverer that died: the event comes back when the lease ends.
+    let again = store
+        .claim_events("webhook", now + 60, now + 120, 10)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    store.event_failed(again[0].id, now + 200).await.unwrap();
+    assert!(
+        store
+            .claim_events("webhook", now + 199, now + 260, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let retried = store
+        .claim_events("webhook", now + 200, now + 260, 10)
+        .await
+        .unwrap();
+    assert_eq!(retried[0].attempts, 1);
+    store.event_delivered(retried[0].id).await.unwrap();
+    assert!(
+        store
+            .claim_events("webhook", now + 1000, now + 1060, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The other sink still has its copy.
+    assert_eq!(
+        store
+            .claim_events("xmpp", now, now + 60, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Removal: only while the key is the one the caller checked.
+    assert!(
+        !store
+            .remove_account(EMULATOR_ACCOUNT, "OLD", now, &notice)
+            .await
+            .unwrap()
+    );
+    let removal = Notice {
+        event_id: "e2".into(),
+        sinks: vec!["webhook".into()],
+    };
+    assert!(
+        store
+            .remove_account(EMULATOR_ACCOUNT, "NEW", now, &removal)
+            .await
+            .unwrap()
+    );
+    assert!(store.account(EMULATOR_ACCOUNT).await.unwrap().is_none());
+    let removed = store
+        .claim_events("webhook", now, now + 60, 10)
+        .await
+        .unwrap();
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].kind, EventKind::AccountRemoved);
+    assert_eq!(removed[0].new_fingerprint, None);
+    store.event_delivered(removed[0].id).await.unwrap();
+
+    // No sinks configured: the change happens, no event is written.
+    execute(
+        &url,
+        &format!(
+            "INSERT INTO accounts (id, fingerprint, public_key, created_at, updated_at) \
+             VALUES ('{EMULATOR_ACCOUNT}', 'A', '', {now}, {now})"
+        ),
+    )
+    .await;
+    assert!(
+        store
+            .remove_account(EMULATOR_ACCOUNT, "A", now, &Notice::default())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .claim_events("webhook", now + 5000, now + 5060, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Nonces: once each, and purged after they expire.
+    assert!(store.use_nonce("remove:x:n1", now + 300).await.unwrap());
+    assert!(!store.use_nonce("remove:x:n1", now + 300).await.unwrap());
+    assert!(store.use_nonce("remove:x:n2", now + 300).await.unwrap());
+    store.purge_expired(now + 301).await.unwrap();
+    assert!(store.use_nonce("remove:x:n1", now + 900).await.unwrap());
 }
