@@ -411,7 +411,10 @@ pub fn verify_detached(signer: &Cert, message: &[u8], signature: &[u8], now: Sys
     let Ok(builder) = DetachedVerifierBuilder::from_bytes(signature) else {
         return false;
     };
-    let Ok(mut verifier) = builder.with_policy(&policy, Some(now), Helper(signer)) else {
+    // Judged as of a little later: a phone whose clock runs fast signs "in the future". The
+    // caller's own timestamp check keeps requests fresh.
+    let Ok(mut verifier) = builder.with_policy(&policy, Some(now + CLOCK_SKEW), Helper(signer))
+    else {
         return false;
     };
     verifier.verify_bytes(message).is_ok()
@@ -834,5 +837,108 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a key"), "{err}");
+    }
+
+    fn key_at(email: &str, created: SystemTime) -> Cert {
+        CertBuilder::general_purpose(Some(format!("User <{email}>")))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_creation_time(created)
+            .generate()
+            .unwrap()
+            .0
+    }
+
+    fn public(cert: &Cert) -> UserKey {
+        UserKey::from_bytes(&cert.to_vec().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_rollover_needs_a_newer_key_certified_by_the_old_one() {
+        let t0 = SystemTime::now() - Duration::from_secs(3600);
+        let now = SystemTime::now();
+        let old = key_at(EMAIL, t0);
+        let new = key_at(EMAIL, t0 + Duration::from_secs(60));
+        let signed = cross_certify(&old, &new, EMAIL, now).unwrap();
+        assert_eq!(
+            check_rollover(&public(&signed), &old, EMAIL, None, now),
+            Ok(())
+        );
+
+        // With the old key's revocation; a revocation must be the old key's and be one.
+        let revoked = revoke_superseded(&old).unwrap();
+        assert_eq!(
+            check_rollover(&public(&signed), &old, EMAIL, Some(&public(&revoked)), now),
+            Ok(())
+        );
+        assert_eq!(
+            check_rollover(&public(&signed), &old, EMAIL, Some(&public(&old)), now),
+            Err(RolloverError::NotRevoked)
+        );
+        let stranger = key_at(EMAIL, t0);
+        assert_eq!(
+            check_rollover(
+                &public(&signed),
+                &old,
+                EMAIL,
+                Some(&public(&revoke_superseded(&stranger).unwrap())),
+                now
+            ),
+            Err(RolloverError::RevokedIsNotCurrent)
+        );
+
+        // Not certified, certified by another key, or on another User ID.
+        let refused = Err(RolloverError::NotSignedByOldKey(EMAIL.into()));
+        assert_eq!(
+            check_rollover(&public(&new), &old, EMAIL, None, now),
+            refused
+        );
+        let by_stranger = cross_certify(&stranger, &new, EMAIL, now).unwrap();
+        assert_eq!(
+            check_rollover(&public(&by_stranger), &old, EMAIL, None, now),
+            refused
+        );
+        let other = "other@localhost";
+        let two = CertBuilder::general_purpose(Some(format!("User <{EMAIL}>")))
+            .add_userid(format!("Other <{other}>"))
+            .set_creation_time(t0 + Duration::from_secs(60))
+            .generate()
+            .unwrap()
+            .0;
+        let wrong_uid = cross_certify(&old, &two, other, now).unwrap();
+        assert_eq!(
+            check_rollover(&public(&wrong_uid), &old, EMAIL, None, now),
+            refused
+        );
+
+        // The same key, or one not newer.
+        let same = cross_certify(&old, &old, EMAIL, now).unwrap();
+        assert_eq!(
+            check_rollover(&public(&same), &old, EMAIL, None, now),
+            Err(RolloverError::SameKey)
+        );
+        let as_old = cross_certify(&old, &key_at(EMAIL, t0), EMAIL, now).unwrap();
+        assert_eq!(
+            check_rollover(&public(&as_old), &old, EMAIL, None, now),
+            Err(RolloverError::NotNewer)
+        );
+    }
+
+    #[test]
+    fn detached_signatures_verify_only_for_the_signer_and_the_message() {
+        let now = SystemTime::now();
+        let key = key_at(EMAIL, now - Duration::from_secs(60));
+        let sig = sign_detached(&key, b"remove me").unwrap();
+        let public = key.clone().strip_secret_key_material();
+        assert!(verify_detached(&public, b"remove me", &sig, now));
+        assert!(!verify_detached(&public, b"remove me!", &sig, now));
+        let other = key_at(EMAIL, now - Duration::from_secs(60));
+        assert!(!verify_detached(&other, b"remove me", &sig, now));
+        assert!(!verify_detached(&public, b"remove me", b"garbage", now));
+        assert!(!verify_detached(&public, b"remove me", b"", now));
+        // Binary signatures too.
+        let binary = pgp::armor::Reader::from_bytes(&sig, None);
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut { binary }, &mut bytes).unwrap();
+        assert!(verify_detached(&public, b"remove me", &bytes, now));
     }
 }
