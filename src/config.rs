@@ -189,7 +189,8 @@ pub struct EventsSection {
     /// Key of the `X-Registrar-Signature` HMAC-SHA256 header (prefer
     /// `REGISTRAR_EVENTS__WEBHOOK_SECRET`).
     pub webhook_secret: Option<Secret>,
-    /// JID the component sends each event to as a message (needs `[xmpp.component]`).
+    /// JID the component sends each event to as a message (needs `[xmpp.component]`; the format
+    /// is in `xmpp::events`).
     pub xmpp_to: Option<String>,
 }
 

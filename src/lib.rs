@@ -10,7 +10,8 @@
 //! - [`events`]: telling the XMPP server that a key was replaced or an account removed;
 //! - [`store`]: persistence behind a trait (SQLite, PostgreSQL);
 //! - [`http`]: the JSON API;
-//! - [`xmpp`]: Kontalk's in-band registration as an XMPP external component;
+//! - [`xmpp`]: Kontalk's in-band registration as an XMPP external component, with key rollover,
+//!   `<remove/>` from the account's own JID, and events sent as messages;
 //! - [`config`]: TOML + environment configuration, validated once;
 //! - [`client`]: the `client register` command, a real client of the HTTP API;
 //! - [`clock`], [`secret`]: time as a parameter, and the server secret for keyed hashes.

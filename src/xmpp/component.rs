@@ -3,6 +3,11 @@
 //! server goes away or refuses, pings the server after a quiet spell, and hands every iq to the
 //! [`Handler`] in its own task, so that one slow or bad request never holds up the others.
 //!
+//! With `events.xmpp_to` set, each connection also runs a delivery task for the `xmpp` event
+//! sink: it claims due events, hands each message to the loop (which owns the stream's sink and
+//! says whether the send succeeded), and marks it delivered or failed. It runs beside the iq
+//! handling, never in its way; while the link is down nobody claims, so events wait in the store.
+//!
 //! tokio-xmpp's `Component` stream yields `None` for every read failure (a quiet spell, an
 //! unparsable stanza, the server closing the stream) and keeps working when polled again. A
 //! `None` is therefore a cue to ping: if the ping is not answered before the next `None`, the link
@@ -13,7 +18,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_xmpp::connect::DnsConfig;
 use tokio_xmpp::connect::TcpServerConnector;
 use tokio_xmpp::xmlstream::Timeouts;
@@ -23,7 +28,12 @@ use xmpp_parsers::jid::Jid;
 use xmpp_parsers::ping::Ping;
 
 use super::Handler;
+use super::events::event_message;
 use crate::config::ComponentConfig;
+use crate::registrar::Registrar;
+
+/// A stanza for the loop to send, and where to say whether it went out.
+type Outgoing = (Stanza, oneshot::Sender<bool>);
 
 /// First wait before reconnecting.
 pub const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -56,6 +66,17 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 
 /// Runs the component until `stop` turns true.
 pub async fn run(config: ComponentConfig, handler: Arc<Handler>, mut stop: watch::Receiver<bool>) {
+    // Config validation already refused a bad JID; this only guards the library entry point.
+    let events_to = config
+        .events_to
+        .as_deref()
+        .and_then(|to| match Jid::new(to) {
+            Ok(j) => Some(j),
+            Err(e) => {
+                tracing::error!(error = %e, "events.xmpp_to is not a JID: events are not sent");
+                None
+            }
+        });
     let mut backoff = BACKOFF_START;
     loop {
         if *stop.borrow() {
@@ -79,7 +100,15 @@ pub async fn run(config: ComponentConfig, handler: Arc<Handler>, mut stop: watch
             Ok(component) => {
                 tracing::info!(jid = %config.jid, server = %config.server, "XMPP component connected");
                 backoff = BACKOFF_START;
-                match serve(component, &config, handler.clone(), &mut stop).await {
+                match serve(
+                    component,
+                    &config,
+                    handler.clone(),
+                    events_to.clone(),
+                    &mut stop,
+                )
+                .await
+                {
                     Ended::Stopped => return,
                     Ended::Lost => {
                         tracing::warn!(server = %config.server, "XMPP component link lost; reconnecting");
@@ -112,6 +141,7 @@ async fn serve(
     component: Component<TcpServerConnector>,
     config: &ComponentConfig,
     handler: Arc<Handler>,
+    events_to: Option<Jid>,
     stop: &mut watch::Receiver<bool>,
 ) -> Ended {
     let me = handler.jid().clone();
@@ -124,6 +154,19 @@ async fn serve(
     // channel holds more answers than there can be tasks, so a task never waits to send.
     let (answers_tx, mut answers) = mpsc::channel::<Stanza>(MAX_IN_FLIGHT * 2);
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    // Event messages: the delivery task ends when this receiver is dropped with the connection.
+    let (events_tx, mut events) = mpsc::channel::<Outgoing>(1);
+    if let Some(to) = events_to {
+        tokio::spawn(deliver_events(
+            handler.registrar().clone(),
+            me.clone(),
+            to,
+            events_tx,
+            stop.clone(),
+        ));
+    } else {
+        drop(events_tx);
+    }
     let mut pings = 0u64;
     let mut ping_outstanding = false;
     loop {
@@ -137,6 +180,14 @@ async fn serve(
             }
             Some(answer) = answers.recv() => {
                 if let Err(e) = sink.send(answer).await {
+                    tracing::warn!(error = %e, "cannot send to the XMPP server");
+                    return Ended::Lost;
+                }
+            }
+            Some((message, sent)) = events.recv() => {
+                let result = sink.send(message).await;
+                let _ = sent.send(result.is_ok());
+                if let Err(e) = result {
                     tracing::warn!(error = %e, "cannot send to the XMPP server");
                     return Ended::Lost;
                 }
@@ -175,6 +226,50 @@ async fn serve(
                     ping_outstanding = true;
                 }
             },
+        }
+    }
+}
+
+/// Delivers the `xmpp` sink's events as messages from `me` to `to` through `out`, until the
+/// connection ends (`out` closes) or `stop` is set.
+async fn deliver_events(
+    registrar: Arc<Registrar>,
+    me: Jid,
+    to: Jid,
+    out: mpsc::Sender<Outgoing>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match registrar.claim_events(crate::events::XMPP).await {
+            Ok(claimed) => {
+                for event in claimed {
+                    let (sent_tx, sent_rx) = oneshot::channel();
+                    let message = event_message(&event, &me, &to);
+                    let sent = out.send((message.into(), sent_tx)).await.is_ok()
+                        && sent_rx.await.unwrap_or(false);
+                    if sent {
+                        tracing::info!(event = %event.id, kind = event.kind, "event sent over XMPP");
+                        if let Err(e) = registrar.event_delivered(&event).await {
+                            tracing::warn!(error = %e, "cannot mark an event delivered");
+                        }
+                    } else {
+                        // The link went down: this event (and the rest of the batch, whose
+                        // lease then runs out) waits for the next connection.
+                        let retry = registrar.event_failed(&event).await;
+                        tracing::warn!(
+                            event = %event.id,
+                            kind = event.kind,
+                            retry_in = ?retry.ok(),
+                            "cannot send an event over XMPP"
+                        );
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read events"),
+        }
+        tokio::select! {
+            _ = out.closed() => return,
+            go = crate::events::wait(&registrar, &mut stop) => if !go { return },
         }
     }
 }

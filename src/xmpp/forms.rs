@@ -3,7 +3,8 @@
 //!
 //! Requests are dispatched on the form's `FORM_TYPE`, never on which fields happen to be present:
 //! `jabber:iq:register` starts a verification, `http://kontalk.org/protocol/register#code`
-//! submits the code and key.
+//! submits the code and key, `http://kontalk.org/protocol/register#key` rolls a registered
+//! account over to a new key (Kontalk's key rollover, sent by the logged-in user).
 
 use crate::registrar::{Challenge, Verification};
 use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
@@ -22,6 +23,9 @@ fn bad_request(text: &str) -> FormError {
 
 /// FORM_TYPE of step 2 (code and key).
 pub const CODE_FORM_TYPE: &str = "http://kontalk.org/protocol/register#code";
+
+/// FORM_TYPE of a key rollover (new key, optional revoked old key).
+pub const KEY_FORM_TYPE: &str = "http://kontalk.org/protocol/register#key";
 
 /// What a client submitted with `iq set` on `jabber:iq:register`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +49,13 @@ pub enum Submission {
         code: String,
         /// base64 of the binary public key, when sent in the form.
         public_key: Option<String>,
+    },
+    /// Key rollover: the logged-in user's new key, certified by its current key.
+    Rollover {
+        /// base64 of the new binary public key.
+        public_key: String,
+        /// base64 of the current key carrying its revocation, when sent.
+        revoked: Option<String>,
     },
     /// XEP-0077 `<remove/>`.
     Remove,
@@ -110,6 +121,12 @@ pub fn parse_submission(payload: Element) -> Result<Submission, FormError> {
         Some(CODE_FORM_TYPE) => Ok(Submission::Code {
             code: required(&form, "code")?.to_owned(),
             public_key: value(&form, "publickey")
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned),
+        }),
+        Some(KEY_FORM_TYPE) => Ok(Submission::Rollover {
+            public_key: required(&form, "publickey")?.to_owned(),
+            revoked: value(&form, "revoked")
                 .filter(|v| !v.is_empty())
                 .map(str::to_owned),
         }),
@@ -234,11 +251,21 @@ pub fn started_form(v: &Verification) -> FormQuery {
 
 /// The answer to step 2: the certified key, base64 of the binary key.
 pub fn registered_form(public_key_b64: String) -> FormQuery {
+    key_form(CODE_FORM_TYPE, public_key_b64)
+}
+
+/// The answer to a rollover: the new key with our certification, in the `publickey` field
+/// Kontalk's client reads.
+pub fn rolled_over_form(public_key_b64: String) -> FormQuery {
+    key_form(KEY_FORM_TYPE, public_key_b64)
+}
+
+fn key_form(form_type: &str, public_key_b64: String) -> FormQuery {
     FormQuery {
         instructions: None,
         form: DataForm::new(
             DataFormType::Form,
-            CODE_FORM_TYPE,
+            form_type,
             vec![with_value(
                 field("publickey", FieldType::TextSingle, "Signed public key"),
                 public_key_b64,
@@ -316,6 +343,32 @@ mod tests {
                 public_key: Some("AAAA".into())
             }
         );
+        let rollover = STEP2
+            .replace("register#code", "register#key")
+            .replace(
+                "<field label='Validation code' var='code' type='text-single'><value>839775</value></field>",
+                "<field var='publickey'><value>TkVX</value></field>",
+            );
+        assert_eq!(
+            parse(&rollover).unwrap(),
+            Submission::Rollover {
+                public_key: "TkVX".into(),
+                revoked: None
+            }
+        );
+        let with_revoked = rollover.replace(
+            "</x>",
+            "<field var='revoked'><value>T0xE</value></field></x>",
+        );
+        assert_eq!(
+            parse(&with_revoked).unwrap(),
+            Submission::Rollover {
+                public_key: "TkVX".into(),
+                revoked: Some("T0xE".into())
+            }
+        );
+        let no_key = STEP2.replace("register#code", "register#key");
+        assert_eq!(err_text(parse(&no_key)), "the field publickey is required");
         let remove = "<query xmlns='jabber:iq:register'><remove/></query>";
         assert_eq!(parse(remove).unwrap(), Submission::Remove);
     }
@@ -500,6 +553,13 @@ mod tests {
             "{s}"
         );
         assert!(!s.contains("<instructions>"));
+
+        let s = xml(rolled_over_form("S0VZ".into()));
+        assert!(
+            s.contains("<value>http://kontalk.org/protocol/register#key</value>"),
+            "{s}"
+        );
+        assert!(s.contains("var='publickey'><value>S0VZ</value>"), "{s}");
     }
 }
 
@@ -521,7 +581,7 @@ mod properties {
         /// Arbitrary field names and values in a register form: a submission or a reason.
         #[test]
         fn arbitrary_forms_are_parsed_or_refused(
-            form_type in prop_oneof![Just("jabber:iq:register".to_owned()), Just(CODE_FORM_TYPE.to_owned()), any::<String>()],
+            form_type in prop_oneof![Just("jabber:iq:register".to_owned()), Just(CODE_FORM_TYPE.to_owned()), Just(KEY_FORM_TYPE.to_owned()), any::<String>()],
             fields in proptest::collection::vec((any::<String>(), any::<String>()), 0..6),
             x_type in prop_oneof![Just("submit"), Just("form"), Just("result")],
         ) {

@@ -1,6 +1,12 @@
 //! One iq in, at most one iq out: disco#info, ping, and `jabber:iq:register` get/set turned into
 //! core calls. Every unhandled get or set is answered with service-unavailable; results and
 //! errors addressed to us are never answered.
+//!
+//! Key rollover and `<remove/>` act on a registered account, so they are taken only from that
+//! account's own JID: the XMPP server stamps `from` after authenticating the user, which makes
+//! the bare JID `<account>@<domain>` the proof (any other sender gets forbidden, type auth).
+//! Registration itself comes from anonymous JIDs, whose `from` proves nothing and is used only
+//! as the origin for the abuse limits.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -17,7 +23,8 @@ use super::errors::{self, bad_request, stanza_error};
 use super::forms::{self, Submission};
 use crate::clock::Clock;
 use crate::openpgp::UserKey;
-use crate::registrar::{Code, Error, Origin, Registrar, StartRequest};
+use crate::phone::AccountId;
+use crate::registrar::{Code, Error, Origin, Registrar, RemovalProof, StartRequest};
 
 /// Answers iqs for the component `jid`.
 pub struct Handler {
@@ -43,6 +50,28 @@ impl Handler {
     /// The component's JID.
     pub fn jid(&self) -> &Jid {
         &self.jid
+    }
+
+    /// The core this handler calls (the component also delivers its events).
+    pub fn registrar(&self) -> &Arc<Registrar> {
+        &self.registrar
+    }
+
+    /// The account whose own JID sent a request, with that bare JID; forbidden for anyone else.
+    fn sender_account(&self, from: &Jid) -> Result<(AccountId, String), StanzaError> {
+        let domain = &self.registrar.settings().domain;
+        let account = from
+            .node()
+            .filter(|_| from.domain().as_str().eq_ignore_ascii_case(domain))
+            .and_then(|node| node.as_str().parse::<AccountId>().ok());
+        match account {
+            Some(account) => Ok((account, from.to_bare().to_string())),
+            None => Err(stanza_error(
+                ErrorType::Auth,
+                DefinedCondition::Forbidden,
+                "only a registered account's own JID, logged in, can do this",
+            )),
+        }
     }
 
     fn core_error(&self, e: &Error) -> StanzaError {
@@ -175,11 +204,38 @@ impl Handler {
                     Err(e) => Err(self.core_error(&e)),
                 }
             }
-            Submission::Remove => Err(stanza_error(
-                ErrorType::Cancel,
-                DefinedCondition::FeatureNotImplemented,
-                "account removal is not implemented yet",
-            )),
+            Submission::Rollover {
+                public_key,
+                revoked,
+            } => {
+                let (account, _) = self.sender_account(from)?;
+                let bad_key = |e| self.core_error(&Error::BadKey(e));
+                let key = UserKey::parse(&public_key).map_err(bad_key)?;
+                let revoked = revoked
+                    .map(|r| UserKey::parse(&r))
+                    .transpose()
+                    .map_err(bad_key)?;
+                match self.registrar.roll_over(&account, key, revoked).await {
+                    Ok(r) => Ok(Some(
+                        forms::rolled_over_form(
+                            base64::engine::general_purpose::STANDARD.encode(&r.public_key),
+                        )
+                        .into(),
+                    )),
+                    Err(e) => Err(self.core_error(&e)),
+                }
+            }
+            Submission::Remove => {
+                let (account, bare) = self.sender_account(from)?;
+                match self
+                    .registrar
+                    .remove(&account, RemovalProof::Jid(bare))
+                    .await
+                {
+                    Ok(()) => Ok(None),
+                    Err(e) => Err(self.core_error(&e)),
+                }
+            }
         }
     }
 }

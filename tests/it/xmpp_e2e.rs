@@ -1,7 +1,9 @@
 //! End to end with real software: a real Prosody (Debian's package) with an anonymous virtual
 //! host and our component, the real `kontalk-registrar` binary as that component, slixmpp (PyPI)
-//! as the client and GnuPG for the keys. Prosody is restarted mid-way: the component must
-//! reconnect and the next registration succeed.
+//! as the client and GnuPG for the keys. An anonymous user's `<remove/>` is forbidden; a user
+//! with a password on a second virtual host is the service's `events.xmpp_to` and receives the
+//! event of a forced re-registration as a message. Prosody is restarted mid-way: the component
+//! must reconnect and the next registration succeed.
 //!
 //! `scripts/test` installs Prosody and a virtualenv with slixmpp; on CI their absence fails the
 //! test instead of skipping it.
@@ -77,6 +79,9 @@ log = {{ debug = "{dir}/prosody.log"; }}
 VirtualHost "localhost"
     authentication = "anonymous"
 
+VirtualHost "events.localhost"
+    authentication = "internal_plain"
+
 Component "register.localhost"
     component_secret = "{SECRET}"
 "#,
@@ -86,6 +91,25 @@ Component "register.localhost"
     )
     .unwrap();
     config
+}
+
+/// The user that receives the events (`tests/xmpp/e2e_client.py` logs in as it).
+const WATCHER: (&str, &str, &str) = ("watcher", "events.localhost", "watcher-password");
+
+fn register_watcher(prosody: &Path, config: &Path) {
+    let prosodyctl = prosody.with_file_name("prosodyctl");
+    let out = Command::new(&prosodyctl)
+        .arg("--config")
+        .arg(config)
+        .args(["register", WATCHER.0, WATCHER.1, WATCHER.2])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "prosodyctl register: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn start_prosody(prosody: &Path, config: &Path, c2s: u16, component: u16) -> Process {
@@ -128,6 +152,7 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
     let dir = tempfile::tempdir().unwrap();
     let [c2s, component, http, other_http] = free_ports();
     let config = prosody_config(dir.path(), c2s, component);
+    register_watcher(&prosody, &config);
     let server = start_prosody(&prosody, &config, c2s, component);
 
     let data = dir.path().join("registrar-data");
@@ -137,7 +162,10 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
         format!(
             "data_dir = {data:?}\n[http]\nlisten = \"127.0.0.1:{http}\"\n\
              [xmpp.component]\nserver = \"127.0.0.1:{component}\"\njid = \"register.localhost\"\n\
-             ping_interval_seconds = 5\n",
+             ping_interval_seconds = 5\n\
+             [events]\nxmpp_to = \"{}@{}\"\n",
+            WATCHER.0,
+            WATCHER.1,
             data = data.to_str().unwrap()
         ),
     )
@@ -166,6 +194,8 @@ fn registration_through_prosody_with_slixmpp_and_a_server_restart() {
     let outbox = data.join("outbox.jsonl");
 
     client(&python, "flow", c2s, &outbox, &base);
+    client(&python, "remove", c2s, &outbox, &base);
+    client(&python, "events", c2s, &outbox, &base);
 
     // A quiet spell of more than two ping intervals: the keepalive holds the link.
     std::thread::sleep(Duration::from_secs(12));

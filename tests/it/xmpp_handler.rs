@@ -18,6 +18,7 @@ use crate::harness::*;
 
 struct Xmpp {
     handler: Handler,
+    registrar: Arc<kontalk_registrar::registrar::Registrar>,
     provider: CapturingProvider,
     clock: ManualClock,
     _dir: tempfile::TempDir,
@@ -48,6 +49,7 @@ async fn setup(tweak: impl FnOnce(&mut Config)) -> Xmpp {
     );
     Xmpp {
         handler,
+        registrar: app.registrar.clone(),
         provider,
         clock,
         _dir: dir,
@@ -378,7 +380,7 @@ async fn errors_follow_the_table() {
     assert!(out.text.contains("try again after"), "{}", out.text);
     assert!(out.xml.contains("seconds='60'"), "{}", out.xml);
     assert!(out.xml.contains("limit='resend-wait'"), "{}", out.xml);
-    // Remove is not implemented yet; other payloads are unsupported.
+    // Removal from an anonymous JID is forbidden; other payloads are unsupported.
     let out = x
         .send(
             from,
@@ -387,7 +389,7 @@ async fn errors_follow_the_table() {
         )
         .await
         .unwrap();
-    assert_eq!(out.condition, "cancel/feature-not-implemented");
+    assert_eq!(out.condition, "auth/forbidden");
     let out = x
         .send(from, "get", "<query xmlns='jabber:iq:version'/>")
         .await
@@ -492,4 +494,203 @@ async fn the_limits_apply_over_xmpp_too() {
     let out = x.step2("g@localhost/r", &right, &key).await;
     assert_eq!(out.condition, "wait/service-unavailable", "{}", out.xml);
     assert!(out.xml.contains("limit='number'"), "{}", out.xml);
+}
+
+const REMOVE: &str = "<query xmlns='jabber:iq:register'><remove/></query>";
+
+impl Xmpp {
+    /// Registers the emulator's number with a fresh key; returns the key (with its secrets).
+    async fn register(&self) -> sequoia_openpgp::Cert {
+        assert_eq!(
+            self.step1("anon@localhost/r", EMULATOR, "").await.kind,
+            "result"
+        );
+        let key = user_key(&jid());
+        let code = self.provider.last_code(EMULATOR).unwrap();
+        let out = self.step2("anon2@localhost/r", &code, &public(&key)).await;
+        assert_eq!(out.kind, "result", "{out:?}");
+        key
+    }
+
+    async fn rollover(&self, from: &str, key_b64: &str, revoked_b64: Option<&str>) -> Out {
+        let revoked = revoked_b64
+            .map(|r| format!("<field var='revoked'><value>{r}</value></field>"))
+            .unwrap_or_default();
+        let q = format!(
+            "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'>\
+             <field var='FORM_TYPE' type='hidden'><value>http://kontalk.org/protocol/register#key</value></field>\
+             <field var='publickey'><value>{key_b64}</value></field>{revoked}</x></query>"
+        );
+        self.send(from, "set", &q).await.unwrap()
+    }
+
+    async fn stored_fingerprint(&self) -> Option<String> {
+        self.registrar
+            .account(&EMULATOR_ACCOUNT.parse().unwrap())
+            .await
+            .unwrap()
+            .map(|a| a.fingerprint)
+    }
+}
+
+/// A key for the account created a minute after `old` (creation times have 1-second resolution),
+/// optionally certified by `old` on the account's User ID.
+fn newer_key(old: &sequoia_openpgp::Cert, certified: bool) -> sequoia_openpgp::Cert {
+    use sequoia_openpgp::cert::{CertBuilder, CipherSuite};
+    let created = old.primary_key().key().creation_time() + Duration::from_secs(60);
+    let (new, _) = CertBuilder::general_purpose(Some(format!("Test User <{}>", jid())))
+        .set_cipher_suite(CipherSuite::Cv25519)
+        .set_creation_time(created)
+        .generate()
+        .unwrap();
+    if certified {
+        openpgp::cross_certify(old, &new, &jid(), created).unwrap()
+    } else {
+        new
+    }
+}
+
+fn fingerprint(cert: &sequoia_openpgp::Cert) -> String {
+    cert.fingerprint().to_hex()
+}
+
+#[tokio::test]
+async fn key_rollover_from_the_accounts_own_jid() {
+    let x = setup(|_| {}).await;
+    let old = x.register().await;
+    x.clock.advance(Duration::from_secs(120));
+    let new = newer_key(&old, true);
+    let out = x
+        .rollover(&format!("{}/phone", jid()), &b64(&public(&new)), None)
+        .await;
+    assert_eq!(out.kind, "result", "{out:?}");
+    assert!(
+        out.xml
+            .contains("<value>http://kontalk.org/protocol/register#key</value>"),
+        "{}",
+        out.xml
+    );
+    let certified =
+        openpgp::parse_cert(&unb64(&field_value(&out.xml, "publickey").unwrap())).unwrap();
+    assert_eq!(certified.fingerprint(), new.fingerprint());
+    assert!(openpgp::has_certification(
+        &certified,
+        x.registrar.server_key().public_cert(),
+        &jid()
+    ));
+    assert_eq!(x.stored_fingerprint().await, Some(fingerprint(&new)));
+
+    // Again, with the revoked old key sent along (as Kontalk clients may).
+    x.clock.advance(Duration::from_secs(120));
+    let newer = newer_key(&new, true);
+    let revoked = openpgp::revoke_superseded(&new).unwrap();
+    let out = x
+        .rollover(
+            &format!("{}/other", jid()),
+            &b64(&public(&newer)),
+            Some(&b64(&public(&revoked))),
+        )
+        .await;
+    assert_eq!(out.kind, "result", "{out:?}");
+    assert_eq!(x.stored_fingerprint().await, Some(fingerprint(&newer)));
+}
+
+#[tokio::test]
+async fn key_rollover_refusals() {
+    let x = setup(|_| {}).await;
+    let old = x.register().await;
+    let before = x.stored_fingerprint().await;
+    assert_eq!(before, Some(fingerprint(&old)));
+    x.clock.advance(Duration::from_secs(120));
+    let new = b64(&public(&newer_key(&old, true)));
+    // Only the account's own JID: not an anonymous one, not the account's name on another
+    // domain, not a JID without a local part.
+    for from in [
+        "anon@localhost/r".to_owned(),
+        format!("{EMULATOR_ACCOUNT}@elsewhere.example/r"),
+        "localhost".to_owned(),
+        "0000@localhost/r".to_owned(),
+    ] {
+        let out = x.rollover(&from, &new, None).await;
+        assert_eq!(out.condition, "auth/forbidden", "{from}: {out:?}");
+        assert_eq!(x.stored_fingerprint().await, before, "{from}");
+    }
+    let me = format!("{}/phone", jid());
+    // A newer key the old key did not certify.
+    let out = x
+        .rollover(&me, &b64(&public(&newer_key(&old, false))), None)
+        .await;
+    assert_eq!(out.condition, "modify/bad-request", "{out:?}");
+    assert!(out.text.contains("certification"), "{}", out.text);
+    // Not base64, not a key.
+    let out = x.rollover(&me, "%%% not base64 %%%", None).await;
+    assert_eq!(out.condition, "modify/bad-request", "{out:?}");
+    let out = x.rollover(&me, &b64(b"not a key"), None).await;
+    assert_eq!(out.condition, "modify/bad-request", "{out:?}");
+    // A malformed revoked key.
+    let out = x.rollover(&me, &new, Some("%%%")).await;
+    assert_eq!(out.condition, "modify/bad-request", "{out:?}");
+    assert_eq!(x.stored_fingerprint().await, before);
+    // A "revoked" key that is not revoked.
+    let out = x.rollover(&me, &new, Some(&b64(&public(&old)))).await;
+    assert_eq!(out.condition, "modify/bad-request", "{out:?}");
+    assert_eq!(x.stored_fingerprint().await, before);
+    // An account that does not exist.
+    let other = "0000000000000000000000000000000000000000@localhost/r";
+    let out = x.rollover(other, &new, None).await;
+    assert_eq!(out.condition, "cancel/item-not-found", "{out:?}");
+    // Finally the real thing still works.
+    assert_eq!(x.rollover(&me, &new, None).await.kind, "result");
+}
+
+#[tokio::test]
+async fn remove_from_the_accounts_own_jid() {
+    let x = setup(|_| {}).await;
+    x.register().await;
+    let out = x
+        .send(&format!("{}/phone", jid()), "set", REMOVE)
+        .await
+        .unwrap();
+    assert_eq!(out.kind, "result", "{out:?}");
+    assert!(!out.xml.contains("<query"), "an empty result: {}", out.xml);
+    assert_eq!(x.stored_fingerprint().await, None);
+    // Gone: a second removal finds nothing.
+    let out = x
+        .send(&format!("{}/phone", jid()), "set", REMOVE)
+        .await
+        .unwrap();
+    assert_eq!(out.condition, "cancel/item-not-found", "{out:?}");
+}
+
+#[tokio::test]
+async fn remove_from_any_other_jid_removes_nothing() {
+    let x = setup(|_| {}).await;
+    let key = x.register().await;
+    for from in [
+        format!("{EMULATOR_ACCOUNT}@elsewhere.example/r"),
+        format!("{EMULATOR_ACCOUNT}@register.localhost"),
+        "localhost".to_owned(),
+        "localhost/r".to_owned(),
+        "anon@localhost/r".to_owned(),
+        format!("{EMULATOR_ACCOUNT}x@localhost/r"),
+    ] {
+        let out = x.send(&from, "set", REMOVE).await.unwrap();
+        assert_eq!(out.condition, "auth/forbidden", "{from}: {out:?}");
+        assert_eq!(
+            x.stored_fingerprint().await,
+            Some(fingerprint(&key)),
+            "{from}"
+        );
+    }
+    // Another account's JID can only ask for its own removal: unknown here, and ours stays.
+    let out = x
+        .send(
+            "0000000000000000000000000000000000000000@localhost/r",
+            "set",
+            REMOVE,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.condition, "cancel/item-not-found", "{out:?}");
+    assert_eq!(x.stored_fingerprint().await, Some(fingerprint(&key)));
 }

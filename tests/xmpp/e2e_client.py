@@ -6,6 +6,9 @@ kontalk-registrar's own code.
 
 usage: e2e_client.py PHASE C2S_PORT COMPONENT_JID OUTBOX HTTP_BASE
   PHASE "flow":    disco, form, register, conflict, force, attacker vs real client
+  PHASE "remove":  an anonymous user's <remove/> is forbidden
+  PHASE "events":  a logged-in user (watcher@events.localhost, the service's events.xmpp_to)
+                   receives the key-replaced event of a forced re-registration
   PHASE "quiet":   after a quiet spell, the component still answers
   PHASE "restart": wait for the component to come back, then register another number
 Exit status 0 when every check passed.
@@ -30,6 +33,8 @@ PHASE, PORT, COMPONENT, OUTBOX, HTTP = sys.argv[1], int(sys.argv[2]), sys.argv[3
 DOMAIN = "localhost"
 X = "{jabber:x:data}"
 CODE_FORM = "http://kontalk.org/protocol/register#code"
+EVENTS_NS = "{urn:kontalk-registrar:events}"
+WATCHER, WATCHER_PASSWORD = "watcher@events.localhost", "watcher-password"
 
 
 def check(cond, what):
@@ -150,7 +155,8 @@ def certified_by_server(fpr, signed_b64):
 
 
 async def register(phone, force=False, after=0):
-    """Steps 1 and 2 as a Kontalk client: step 2 on a new connection. Returns the signed key."""
+    """Steps 1 and 2 as a Kontalk client: step 2 on a new connection. Returns the number of codes
+    seen for the phone and the fingerprint of the registered key."""
     s = await open_session()
     fields = {"phone": phone}
     if force:
@@ -170,7 +176,7 @@ async def register(phone, force=False, after=0):
     signed = field(r[1], "publickey")
     check(signed is not None, "the signed key comes back")
     check(certified_by_server(fpr, signed), "GnuPG verifies the server's certification on the key")
-    return seen
+    return seen, fpr
 
 
 async def disco_ok(s, what):
@@ -200,7 +206,7 @@ async def flow():
     check("pin" in options and "callerid" not in options, f"challenge options {options}")
     await s.close()
 
-    seen = await register(phone)
+    seen, _ = await register(phone)
 
     s = await open_session()
     r = await s.iq("set", form("jabber:iq:register", {"phone": phone}))
@@ -235,6 +241,70 @@ async def flow():
     check(certified_by_server(fpr, field(r[1], "publickey")), "its new key is certified")
 
 
+class Watcher(ClientXMPP):
+    """A real user logged in with a password: the service's events.xmpp_to."""
+
+    def __init__(self):
+        super().__init__(WATCHER, WATCHER_PASSWORD)
+        self.enable_direct_tls = False
+        self.enable_starttls = False
+        self.enable_plaintext = True
+        self["feature_mechanisms"].unencrypted_plain = True
+        self.ready = asyncio.get_running_loop().create_future()
+        self.messages = asyncio.Queue()
+        self.add_event_handler("session_start", self._started)
+        self.add_event_handler("message", lambda m: self.messages.put_nowait(m))
+
+    def _started(self, _event):
+        # Available presence: the server delivers messages to the bare JID only to available
+        # resources.
+        self.send_presence()
+        if not self.ready.done():
+            self.ready.set_result(True)
+
+
+async def remove():
+    s = await open_session()
+    r = await s.iq("set", "<query xmlns='jabber:iq:register'><remove/></query>")
+    await s.close()
+    check(r[:3] == ("error", "auth", "forbidden"), f"an anonymous user's <remove/> is forbidden: {r[:4]}")
+
+
+async def events():
+    w = Watcher()
+    w.connect("127.0.0.1", PORT)
+    await asyncio.wait_for(w.ready, 20)
+    check(True, f"{WATCHER} is logged in")
+    phone = "+15555215558"
+    jid = f"{account(phone)}@{DOMAIN}"
+    seen, old = await register(phone)
+    _, new = await register(phone, force=True, after=seen)
+    deadline = time.time() + 30
+    event = None
+    while event is None:
+        left = deadline - time.time()
+        if left <= 0:
+            check(False, "the key-replaced event reaches the watcher within 30 s")
+        try:
+            m = await asyncio.wait_for(w.messages.get(), left)
+        except asyncio.TimeoutError:
+            continue
+        e = m.xml.find(EVENTS_NS + "event")
+        print("message:", str(m), flush=True)
+        if e is not None and e.get("jid") == jid and e.get("type") == "key-replaced":
+            event, message = e, m
+    check(True, "the key-replaced event reaches the watcher")
+    check(str(message["from"]) == COMPONENT, f"the event comes from the component: {message['from']}")
+    check(message["type"] == "normal", f"a normal message: {message['type']}")
+    check(message["id"] == "event-" + event.get("id"), f"the message id names the event: {message['id']}")
+    check(message["body"] == f"key-replaced {jid}", f"the body: {message['body']}")
+    check(event.get("account") == account(phone), "the event names the account")
+    check(event.get("old-fingerprint") == old, f"old fingerprint {event.get('old-fingerprint')} == {old}")
+    check(event.get("new-fingerprint") == new, f"new fingerprint {event.get('new-fingerprint')} == {new}")
+    check(bool(event.get("at")), "the event has a time")
+    w.disconnect()
+
+
 async def quiet():
     s = await open_session()
     await disco_ok(s, "the component still answers after a quiet spell")
@@ -260,7 +330,7 @@ async def restart():
 
 
 async def main():
-    await {"flow": flow, "quiet": quiet, "restart": restart}[PHASE]()
+    await {"flow": flow, "remove": remove, "events": events, "quiet": quiet, "restart": restart}[PHASE]()
     print("PASS", PHASE, flush=True)
 
 
