@@ -9,8 +9,15 @@
 //! | POST | `/v1/verifications/{id}/resend` | fresh code: `{"challenge"?}` |
 //! | POST | `/v1/verifications/{id}/code` | verify: `{"code", "public_key"}` |
 //! | GET, POST | `/v1/receipts/{provider}` | delivery receipts (status callbacks) of a provider |
-//! | GET | `/v1/server-key` | the server's public key, ASCII armor |
+//! | POST | `/v1/login-certificates/verify` | check a login certificate (body: PEM or DER) |
+//! | PUT | `/v1/accounts/{id}/key` | key rollover: `{"public_key", "revoked"?}` |
+//! | DELETE | `/v1/accounts/{id}` | remove: `{"timestamp", "nonce", "signature"}` |
+//! | GET | `/v1/server-key` | the server's public key, ASCII armor; with `Accept: application/json`, every trusted key |
 //! | GET | `/healthz`, `/readyz` | liveness, and readiness (database answers) |
+//!
+//! The login check answers only clients in `login.allowed_ips` (as [`ApiState`] sees the client
+//! address, through trusted proxies) or bearing `login.bearer_token`: it tells whether a key is
+//! an account's current key, which is the XMPP server's business, not the public's.
 
 pub mod problem;
 
@@ -20,7 +27,7 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -31,10 +38,15 @@ use serde_json::json;
 use axum::extract::ConnectInfo;
 use ipnet::IpNet;
 
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
 use crate::clock::Clock;
 use crate::openpgp::UserKey;
+use crate::phone::AccountId;
 use crate::registrar::{
-    Challenge, Code, Error, Origin, Registrar, StartRequest, Verification, VerificationId,
+    Challenge, Code, Error, Origin, Registered, Registrar, RemovalProof, StartRequest,
+    Verification, VerificationId,
 };
 pub use problem::Problem;
 
@@ -45,6 +57,24 @@ pub struct ApiState {
     clock: Arc<dyn Clock>,
     public_url: Option<Arc<str>>,
     trusted_proxies: Arc<[IpNet]>,
+    login_ips: Arc<[IpNet]>,
+    /// [`token_digest`] of `login.bearer_token`: compared as a MAC so the comparison takes the
+    /// same time wherever a guess differs.
+    login_token: Option<Arc<[u8]>>,
+}
+
+/// Key of the MAC that bearer tokens are compared through (not a secret: the MAC only makes the
+/// comparison constant-time).
+const TOKEN_MAC_KEY: &[u8] = b"kontalk-registrar login bearer token";
+
+fn token_mac(token: &[u8]) -> Option<Hmac<Sha256>> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(TOKEN_MAC_KEY).ok()?;
+    mac.update(token);
+    Some(mac)
+}
+
+fn token_digest(token: &[u8]) -> Option<Arc<[u8]>> {
+    token_mac(token).map(|m| Arc::from(&m.finalize().into_bytes()[..]))
 }
 
 /// How the API is served.
@@ -71,6 +101,12 @@ pub fn router(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, options: HttpOpt
             .public_url
             .map(|u| Arc::from(u.trim_end_matches('/'))),
         trusted_proxies: options.trusted_proxies.into(),
+        login_ips: options.login.allowed_ips.into(),
+        login_token: options
+            .login
+            .bearer_token
+            .as_ref()
+            .and_then(|t| token_digest(t.expose().as_bytes())),
     };
     Router::new()
         .route("/v1/verifications", post(start))
@@ -78,6 +114,9 @@ pub fn router(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, options: HttpOpt
         .route("/v1/verifications/{id}/resend", post(resend))
         .route("/v1/verifications/{id}/code", post(verify))
         .route("/v1/receipts/{provider}", get(receipt).post(receipt))
+        .route("/v1/login-certificates/verify", post(check_login))
+        .route("/v1/accounts/{id}/key", put(roll_over))
+        .route("/v1/accounts/{id}", delete(remove))
         .route("/v1/server-key", get(server_key))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -365,12 +404,174 @@ async fn verify(
     }
     .await;
     match result {
-        Ok(r) => Json(json!({
-            "account": r.jid,
-            "fingerprint": r.fingerprint,
-            "public_key": base64::engine::general_purpose::STANDARD.encode(&r.public_key),
+        Ok(r) => Json(registered_json(&r)).into_response(),
+        Err(e) => s.problem(e).into_response(),
+    }
+}
+
+/// A certified key, as registration and rollover hand it back (`account` is the JID, as the
+/// registration answer has always said).
+fn registered_json(r: &Registered) -> serde_json::Value {
+    json!({
+        "account": r.jid,
+        "fingerprint": r.fingerprint,
+        "public_key": base64::engine::general_purpose::STANDARD.encode(&r.public_key),
+    })
+}
+
+fn account_id(raw: &str) -> Result<AccountId, Problem> {
+    raw.parse().map_err(|e: crate::phone::BadAccountId| {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "no-account",
+            "No such account",
+            format!("{raw:?} names no account: {e}"),
+        )
+    })
+}
+
+fn unauthorized(detail: &str) -> Response {
+    let mut r = Problem::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Unauthorized",
+        detail,
+    )
+    .into_response();
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+impl ApiState {
+    /// Whether the request may use the login check: the client is in `login.allowed_ips`, or
+    /// it bears `login.bearer_token`.
+    fn login_allowed(&self, parts: &axum::http::request::Parts) -> bool {
+        if let Some(ip) = self.origin(parts).ip
+            && self.login_ips.iter().any(|n| n.contains(&ip))
+        {
+            return true;
+        }
+        let Some(expected) = &self.login_token else {
+            return false;
+        };
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        presented
+            .and_then(|t| token_mac(t.as_bytes()))
+            .is_some_and(|mac| mac.verify_slice(expected).is_ok())
+    }
+}
+
+async fn check_login(State(s): State<ApiState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    if !s.login_allowed(&parts) {
+        return unauthorized(
+            "the login check is open to the configured networks and to holders of the bearer token",
+        );
+    }
+    let body = match Bytes::from_request(Request::from_parts(parts, body), &s).await {
+        Ok(b) => b,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return Problem::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                "Payload too large",
+                "the request body is larger than this server accepts",
+            )
+            .into_response();
+        }
+        Err(rejection) => {
+            return Problem::bad_request(format!("cannot read the request body: {rejection}"))
+                .into_response();
+        }
+    };
+    match s.registrar.check_login(body.to_vec()).await {
+        Ok(identity) => Json(json!({
+            "jid": identity.jid,
+            "account": identity.account,
+            "fingerprint": identity.fingerprint,
         }))
         .into_response(),
+        Err(e) => s.problem(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct RolloverBody {
+    public_key: String,
+    #[serde(default)]
+    revoked: Option<String>,
+}
+
+async fn roll_over(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RolloverBody>,
+) -> Response {
+    let account = match account_id(&id) {
+        Ok(a) => a,
+        Err(p) => return p.into_response(),
+    };
+    let result = async {
+        let key = UserKey::parse(&body.public_key)?;
+        let revoked = body.revoked.as_deref().map(UserKey::parse).transpose()?;
+        s.registrar.roll_over(&account, key, revoked).await
+    }
+    .await;
+    match result {
+        Ok(r) => Json(registered_json(&r)).into_response(),
+        Err(e) => s.problem(e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct RemovalBody {
+    timestamp: i64,
+    nonce: String,
+    signature: String,
+}
+
+/// A detached signature as sent: ASCII armor as is, anything else as base64 of the binary form.
+fn signature_bytes(text: &str) -> Result<Vec<u8>, Error> {
+    let text = text.trim();
+    if text.starts_with("-----BEGIN PGP") {
+        return Ok(text.as_bytes().to_vec());
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .map_err(|_| {
+            Error::BadRequest(
+                "signature: send an ASCII-armored signature or base64 of a binary one".into(),
+            )
+        })
+}
+
+async fn remove(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<RemovalBody>,
+) -> Response {
+    let account = match account_id(&id) {
+        Ok(a) => a,
+        Err(p) => return p.into_response(),
+    };
+    let result = async {
+        let proof = RemovalProof::Signed {
+            timestamp: body.timestamp,
+            nonce: body.nonce,
+            signature: signature_bytes(&body.signature)?,
+        };
+        s.registrar.remove(&account, proof).await
+    }
+    .await;
+    match result {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => s.problem(e).into_response(),
     }
 }
@@ -425,7 +626,55 @@ async fn receipt(
     }
 }
 
-async fn server_key(State(s): State<ApiState>) -> Response {
+/// Whether the client asked for JSON rather than the armored key.
+fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|m| {
+            m.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        })
+}
+
+/// Every server key a login is judged against: the current one, and previous ones with the end
+/// of their grace period (so that the XMPP server can follow a rotation).
+fn server_keys_json(s: &ApiState) -> Result<serde_json::Value, Error> {
+    let keys = s
+        .registrar
+        .trust()
+        .keys()
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let armored = crate::openpgp::public_armored(&k.cert).map_err(|e| {
+                tracing::error!(error = %e, "cannot armor a server key");
+                Error::Internal
+            })?;
+            Ok(json!({
+                "fingerprint": k.cert.fingerprint().to_hex(),
+                "current": i == 0,
+                "until": k.until.map(|u| time(DateTime::<Utc>::from(u))),
+                "public_key": String::from_utf8_lossy(&armored),
+            }))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    Ok(json!({
+        "current": s.registrar.server_key().fingerprint(),
+        "keys": keys,
+    }))
+}
+
+async fn server_key(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    if wants_json(&headers) {
+        return match server_keys_json(&s) {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => s.problem(e).into_response(),
+        };
+    }
     let mut r = s.registrar.server_key().public_armored().into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -455,5 +704,49 @@ async fn readyz(State(s): State<ApiState>) -> Response {
             )
                 .into_response()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_chosen_only_when_asked_for() {
+        let accept = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, HeaderValue::from_static(v));
+            wants_json(&h)
+        };
+        assert!(!wants_json(&HeaderMap::new()));
+        assert!(accept("application/json"));
+        assert!(accept("text/plain, Application/JSON; q=0.5"));
+        assert!(!accept("application/pgp-keys"));
+        assert!(!accept("*/*"));
+    }
+
+    #[test]
+    fn signatures_are_armored_or_base64() {
+        let armored = "-----BEGIN PGP SIGNATURE-----\n\nAAAA\n-----END PGP SIGNATURE-----\n";
+        assert_eq!(
+            signature_bytes(armored).ok(),
+            Some(armored.trim().as_bytes().to_vec())
+        );
+        assert_eq!(signature_bytes(" AQID ").ok(), Some(vec![1, 2, 3]));
+        assert!(matches!(signature_bytes("%%%"), Err(Error::BadRequest(_))));
+    }
+
+    #[test]
+    fn bearer_tokens_compare_by_digest() {
+        let expected = token_digest(b"a-token-of-16-chars");
+        let matches = |t: &[u8]| {
+            token_mac(t).is_some_and(|m| {
+                m.verify_slice(expected.as_deref().unwrap_or_default())
+                    .is_ok()
+            })
+        };
+        assert!(matches(b"a-token-of-16-chars"));
+        assert!(!matches(b"a-token-of-16-charS"));
+        assert!(!matches(b""));
     }
 }

@@ -147,12 +147,23 @@ impl Problem {
                 detail,
             )
             .with("check", json!(r.code())),
-            Error::RolloverRefused(_) => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "rollover-refused",
-                "Key rollover refused",
-                detail,
-            ),
+            Error::RolloverRefused(r) => {
+                use crate::openpgp::RolloverError as R;
+                let reason = match r {
+                    R::SameKey => "same-key",
+                    R::NotNewer => "not-newer",
+                    R::NotSignedByOldKey(_) => "not-signed-by-old-key",
+                    R::RevokedIsNotCurrent => "revoked-is-not-current",
+                    R::NotRevoked => "not-revoked",
+                };
+                Self::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "rollover-refused",
+                    "Key rollover refused",
+                    detail,
+                )
+                .with("reason", json!(reason))
+            }
             Error::Forbidden(f) => {
                 Self::new(StatusCode::FORBIDDEN, "forbidden", "Forbidden", detail)
                     .with("reason", json!(f.code()))
@@ -358,6 +369,24 @@ mod tests {
             now,
         ));
         assert_eq!(v["attempts_left"], 2);
+    }
+
+    #[test]
+    fn refused_rollovers_say_which_check_failed() {
+        use crate::openpgp::RolloverError as R;
+        let cases = [
+            (R::SameKey, "same-key"),
+            (R::NotNewer, "not-newer"),
+            (R::NotSignedByOldKey("a@b".into()), "not-signed-by-old-key"),
+            (R::RevokedIsNotCurrent, "revoked-is-not-current"),
+            (R::NotRevoked, "not-revoked"),
+        ];
+        for (r, reason) in cases {
+            let (s, _, v) = body(Problem::from_error(&Error::RolloverRefused(r), Utc::now()));
+            assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+            assert_eq!(v["type"], format!("{TYPE_PREFIX}rollover-refused"));
+            assert_eq!(v["reason"], reason);
+        }
     }
 
     #[test]

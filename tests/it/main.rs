@@ -7,6 +7,7 @@ mod database;
 mod fuzz;
 mod gpg;
 mod harness;
+mod http_accounts;
 mod http_api;
 mod instances;
 mod providers;
