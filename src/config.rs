@@ -1526,6 +1526,47 @@ mod tests {
             let e =
                 Config::load(Some(Path::new("missing.toml")), &Overrides::default()).unwrap_err();
             assert!(e.0.contains("missing.toml"), "{e}");
+            for (toml, key) in [
+                ("[login]\nbearer_token = \"short\"\n", "login.bearer_token"),
+                (
+                    "[login]\nallowed_ips = [\"somewhere\"]\n",
+                    "login.allowed_ips",
+                ),
+                (
+                    "[accounts]\nsignature_max_age_seconds = 5\n",
+                    "accounts.signature_max_age_seconds",
+                ),
+                (
+                    "[events]\nwebhook_url = \"ftp://x\"\n",
+                    "events.webhook_url",
+                ),
+                (
+                    "[events]\nwebhook_secret = \"s\"\n",
+                    "events.webhook_secret",
+                ),
+                (
+                    "[events]\nxmpp_to = \"admin@localhost\"\n",
+                    "events.xmpp_to",
+                ),
+                (
+                    "[[server.previous_keys]]\nkey_file = \"old.asc\"\nuntil = \"next year\"\n",
+                    "server.previous_keys.until",
+                ),
+            ] {
+                let e = load_in(jail, toml).unwrap_err();
+                assert!(e.0.contains(key), "{toml}: {e}");
+            }
+            let c = load_in(
+                jail,
+                "[events]\nwebhook_url = \"http://127.0.0.1:9/e\"\n\
+                 [[server.previous_keys]]\nkey_file = \"old.asc\"\nuntil = \"2027-03-01T00:00:00Z\"\n",
+            )
+            .unwrap();
+            assert_eq!(c.settings.event_sinks, vec!["webhook".to_owned()]);
+            assert_eq!(
+                c.previous_keys[0].1.to_rfc3339(),
+                "2027-03-01T00:00:00+00:00"
+            );
             Ok(())
         });
     }

@@ -930,6 +930,13 @@ mod tests {
         let sig = sign_detached(&key, b"remove me").unwrap();
         let public = key.clone().strip_secret_key_material();
         assert!(verify_detached(&public, b"remove me", &sig, now));
+        // Made by a phone whose clock runs a minute fast.
+        assert!(verify_detached(
+            &public,
+            b"remove me",
+            &sig,
+            now - Duration::from_secs(60)
+        ));
         assert!(!verify_detached(&public, b"remove me!", &sig, now));
         let other = key_at(EMAIL, now - Duration::from_secs(60));
         assert!(!verify_detached(&other, b"remove me", &sig, now));

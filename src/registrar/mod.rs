@@ -42,7 +42,7 @@ use crate::openpgp::{self, ServerKey, UserKey};
 use crate::phone::{AccountId, PhoneNumber, PhonePolicy};
 use crate::secret::ServerSecret;
 use crate::store::{
-    AccountRecord, CompleteOutcome, Completion, DeliveryRecord, Renewal, Requester, Store,
+    AccountRecord, CompleteOutcome, Completion, DeliveryRecord, Notice, Renewal, Requester, Store,
     StoreError, TryLimits, VerificationRecord,
 };
 
@@ -992,7 +992,12 @@ impl Registrar {
             public_key: certified.bytes.clone(),
             replace_account: v.force,
             now: ts(now),
-            notice: self.notice(),
+            // Only a forced registration can replace a key, and so need an event.
+            notice: if v.force {
+                self.notice()
+            } else {
+                Notice::default()
+            },
         };
         match self.store.complete(&v.id, &v.account, &completion).await? {
             CompleteOutcome::Done => {

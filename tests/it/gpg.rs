@@ -7,7 +7,7 @@ use std::process::Command;
 use crate::harness::*;
 
 /// gpg is installed by the test script; on CI its absence is a failure, not a skip.
-fn gpg_available() -> bool {
+pub(crate) fn gpg_available() -> bool {
     let ok = Command::new("gpg")
         .arg("--version")
         .output()
@@ -22,7 +22,7 @@ fn gpg_available() -> bool {
     ok
 }
 
-fn gpg(home: &Path, args: &[&str]) -> String {
+pub(crate) fn gpg(home: &Path, args: &[&str]) -> String {
     let out = Command::new("gpg")
         .arg("--homedir")
         .arg(home)

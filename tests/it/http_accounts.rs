@@ -2,8 +2,6 @@
 //! server key rotation, key rollover, signed account removal, and the webhook events these
 //! changes send.
 
-use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +17,7 @@ use sequoia_openpgp::parse::Parse;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
+use crate::gpg::{gpg, gpg_available};
 use crate::harness::*;
 
 const VERIFY: &str = "/v1/login-certificates/verify";
@@ -550,44 +549,6 @@ async fn unauthorised_removals_are_refused() {
     remove_signed(&s, &key, "finally-a-good-nonce", -300).await;
 }
 
-fn gpg_available() -> bool {
-    let ok = Command::new("gpg")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "gpg is missing on CI: run scripts/test"
-        );
-        eprintln!("gpg not installed: skipping (scripts/test installs it)");
-    }
-    ok
-}
-
-fn gpg(home: &Path, args: &[&str]) -> Vec<u8> {
-    let out = Command::new("gpg")
-        .arg("--homedir")
-        .arg(home)
-        .args([
-            "--batch",
-            "--no-tty",
-            "--pinentry-mode",
-            "loopback",
-            "--passphrase",
-            "",
-        ])
-        .args(args)
-        .output()
-        .expect("gpg runs");
-    assert!(
-        out.status.success(),
-        "gpg {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 #[tokio::test]
 async fn a_removal_signed_by_gpg_is_accepted() {
     if !gpg_available() {
@@ -620,7 +581,7 @@ async fn a_removal_signed_by_gpg_is_accepted() {
     let body = json!({
         "timestamp": timestamp,
         "nonce": nonce,
-        "signature": String::from_utf8(signature).unwrap(),
+        "signature": signature,
     });
     let r = delete_with(&s, &account_path(), body.to_string()).await;
     assert_eq!(r.status, 204, "{:?}", r.body);
