@@ -95,6 +95,14 @@ mod oid {
     pub const CLIENT_AUTH: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x02];
     /// `1.3.6.1.5.5.7.8.5`: id-on-xmppAddr.
     pub const XMPP_ADDR: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x08, 0x05];
+    /// `2.5.29.19`: basicConstraints.
+    pub const BASIC_CONSTRAINTS: &[u8] = &[0x55, 0x1d, 0x13];
+    /// `2.5.29.14`: subjectKeyIdentifier.
+    pub const SUBJECT_KEY_ID: &[u8] = &[0x55, 0x1d, 0x0e];
+    /// `2.5.29.35`: authorityKeyIdentifier.
+    pub const AUTHORITY_KEY_ID: &[u8] = &[0x55, 0x1d, 0x23];
+    /// `2.16.840.1.113730.1.1`: Netscape certificate type.
+    pub const NETSCAPE_CERT_TYPE: &[u8] = &[0x60, 0x86, 0x48, 0x01, 0x86, 0xf8, 0x42, 0x01, 0x01];
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -435,7 +443,36 @@ pub fn build(
     jid: &str,
     now: SystemTime,
 ) -> Result<BridgeCertificate, BuildError> {
-    let (draft, private_key_pem) = Draft::new(secret_cert, jid, now)?;
+    build_styled(secret_cert, jid, now, Style::Standard)
+}
+
+/// How a bridge certificate is laid out. Both carry the same key and extension and pass
+/// [`verify`]; they differ in what other X.509 software makes of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Style {
+    /// What [`build`] writes: RFC 5280-correct (the xmppAddr `otherName` value in its `[0]
+    /// EXPLICIT` wrapper), a random serial, the key's lifetime as validity, keyUsage and
+    /// extKeyUsage clientAuth, SHA-256 for RSA. OpenSSL loads it as a client certificate.
+    #[default]
+    Standard,
+    /// Byte for byte the layout of Kontalk's `X509Bridge` (its Android and desktop clients):
+    /// serial 1, notBefore = notAfter = the key's creation, basicConstraints CA (critical),
+    /// keyUsage `digitalSignature nonRepudiation keyEncipherment keyAgreement keyCertSign`
+    /// (critical), Netscape cert type `SSL client, S/MIME`, subject and authority key ids, the
+    /// xmppAddr `otherName` value **without** its `[0] EXPLICIT` wrapper, SHA-1 for RSA.
+    /// OpenSSL 3 refuses to load it with `SSL_CTX_use_certificate_chain_file` (its extension
+    /// cache marks it invalid), as clients see when they test against an OpenSSL stack.
+    Kontalk,
+}
+
+/// [`build`] in the given [`Style`].
+pub fn build_styled(
+    secret_cert: &Cert,
+    jid: &str,
+    now: SystemTime,
+    style: Style,
+) -> Result<BridgeCertificate, BuildError> {
+    let (draft, private_key_pem) = Draft::new(secret_cert, jid, now, style)?;
     Ok(BridgeCertificate {
         der: draft.finish()?,
         private_key_pem,
@@ -505,27 +542,33 @@ fn write_algorithm(w: DERWriter<'_>, alg: SigAlg) {
     });
 }
 
+/// The subjectPublicKey bits: the DER RSAPublicKey, or the Ed25519 point.
+fn spki_key_bits(key: &PublicKey) -> Vec<u8> {
+    match key {
+        PublicKey::Rsa { n, e } => yasna::construct_der(|w| {
+            w.write_sequence(|w| {
+                w.next().write_bigint_bytes(n, true);
+                w.next().write_bigint_bytes(e, true);
+            })
+        }),
+        PublicKey::Ed25519(point) => point.to_vec(),
+    }
+}
+
 fn spki_der(key: &PublicKey) -> Vec<u8> {
+    let bits = spki_key_bits(key);
     yasna::construct_der(|w| {
-        w.write_sequence(|w| match key {
-            PublicKey::Rsa { n, e } => {
-                w.next().write_sequence(|w| {
+        w.write_sequence(|w| {
+            match key {
+                PublicKey::Rsa { .. } => w.next().write_sequence(|w| {
                     write_oid(w.next(), oid::RSA_ENCRYPTION);
                     w.next().write_null();
-                });
-                let rsa = yasna::construct_der(|w| {
-                    w.write_sequence(|w| {
-                        w.next().write_bigint_bytes(n, true);
-                        w.next().write_bigint_bytes(e, true);
-                    })
-                });
-                w.next().write_bitvec_bytes(&rsa, rsa.len() * 8);
+                }),
+                PublicKey::Ed25519(_) => w
+                    .next()
+                    .write_sequence(|w| write_oid(w.next(), oid::ED25519)),
             }
-            PublicKey::Ed25519(point) => {
-                w.next()
-                    .write_sequence(|w| write_oid(w.next(), oid::ED25519));
-                w.next().write_bitvec_bytes(point, 256);
-            }
+            w.next().write_bitvec_bytes(&bits, bits.len() * 8);
         })
     })
 }
@@ -559,8 +602,9 @@ fn bridge_extension(openpgp: &[u8]) -> Extension {
     }
 }
 
-/// subjectAltName with one otherName xmppAddr (RFC 6120 13.7.1.4): `[0] { OID, [0] UTF8String }`.
-fn subject_alt_name(jid: &str) -> Extension {
+/// subjectAltName with one otherName xmppAddr (RFC 6120 13.7.1.4): `[0] { OID, [0] UTF8String }`
+/// in the standard style; Kontalk's `X509Bridge` leaves out the inner `[0]`.
+fn subject_alt_name(jid: &str, style: Style) -> Extension {
     Extension {
         oid: oid::SUBJECT_ALT_NAME,
         critical: false,
@@ -569,13 +613,57 @@ fn subject_alt_name(jid: &str) -> Extension {
                 w.next().write_tagged_implicit(Tag::context(0), |w| {
                     w.write_sequence(|w| {
                         write_oid(w.next(), oid::XMPP_ADDR);
-                        w.next()
-                            .write_tagged(Tag::context(0), |w| w.write_utf8_string(jid));
+                        match style {
+                            Style::Standard => w
+                                .next()
+                                .write_tagged(Tag::context(0), |w| w.write_utf8_string(jid)),
+                            Style::Kontalk => w.next().write_utf8_string(jid),
+                        }
                     })
                 })
             })
         }),
     }
+}
+
+/// The extensions of Kontalk's `X509Bridge`, in its order, before subjectAltName and the bridge
+/// extension. The key ids are the SHA-1 of the subjectPublicKey bits (RFC 5280 4.2.1.2 (1)).
+fn kontalk_extensions(key: &PublicKey) -> Vec<Extension> {
+    let key_id = Sha1::digest(spki_key_bits(key)).to_vec();
+    vec![
+        Extension {
+            oid: oid::BASIC_CONSTRAINTS,
+            critical: true,
+            value: yasna::construct_der(|w| w.write_sequence(|w| w.next().write_bool(true))),
+        },
+        Extension {
+            oid: oid::KEY_USAGE,
+            critical: true,
+            // digitalSignature, nonRepudiation, keyEncipherment, keyAgreement, keyCertSign.
+            value: yasna::construct_der(|w| w.write_bitvec_bytes(&[0b1110_1100], 6)),
+        },
+        Extension {
+            oid: oid::NETSCAPE_CERT_TYPE,
+            critical: false,
+            // SSL client, S/MIME.
+            value: yasna::construct_der(|w| w.write_bitvec_bytes(&[0b1010_0000], 3)),
+        },
+        Extension {
+            oid: oid::SUBJECT_KEY_ID,
+            critical: false,
+            value: yasna::construct_der(|w| w.write_bytes(&key_id)),
+        },
+        Extension {
+            oid: oid::AUTHORITY_KEY_ID,
+            critical: false,
+            value: yasna::construct_der(|w| {
+                w.write_sequence(|w| {
+                    w.next()
+                        .write_tagged_implicit(Tag::context(0), |w| w.write_bytes(&key_id))
+                })
+            }),
+        },
+    ]
 }
 
 /// keyUsage (critical): digitalSignature, plus keyEncipherment for RSA (TLS with RSA key
@@ -606,7 +694,7 @@ struct Draft {
     keypair: KeyPair,
     key: PublicKey,
     alg: SigAlg,
-    serial: [u8; 16],
+    serial: Vec<u8>,
     name: Vec<u8>,
     not_before: X509Time,
     not_after: X509Time,
@@ -619,6 +707,7 @@ impl Draft {
         secret_cert: &Cert,
         jid: &str,
         now: SystemTime,
+        style: Style,
     ) -> Result<(Self, Zeroizing<String>), BuildError> {
         let primary = secret_cert.primary_key().key();
         let key = openpgp_public_key(primary).map_err(BuildError::UnsupportedAlgorithm)?;
@@ -645,27 +734,50 @@ impl Draft {
             .with_policy(&policy, now)
             .ok()
             .and_then(|valid| valid.primary_key().key_expiration_time());
-        let not_after = match expiry {
-            Some(t) => X509Time::new(t)?,
-            None => X509Time::no_expiry(),
+        let created = primary.creation_time();
+        let (serial, not_after, mut extensions, alg) = match style {
+            Style::Standard => {
+                // 126 random bits: positive, 16 bytes, unique enough for self-signed
+                // certificates.
+                let mut serial: [u8; 16] = rand::random();
+                serial[0] = (serial[0] & 0x7f) | 0x40;
+                let not_after = match expiry {
+                    Some(t) => X509Time::new(t)?,
+                    None => X509Time::no_expiry(),
+                };
+                let alg = match key {
+                    PublicKey::Rsa { .. } => SigAlg::RsaSha256,
+                    PublicKey::Ed25519(_) => SigAlg::Ed25519,
+                };
+                (
+                    serial.to_vec(),
+                    not_after,
+                    usage_extensions(&key).into(),
+                    alg,
+                )
+            }
+            Style::Kontalk => {
+                let alg = match key {
+                    PublicKey::Rsa { .. } => SigAlg::RsaSha1,
+                    PublicKey::Ed25519(_) => SigAlg::Ed25519,
+                };
+                (
+                    vec![1],
+                    X509Time::new(created)?,
+                    kontalk_extensions(&key),
+                    alg,
+                )
+            }
         };
-        // 126 random bits: positive, 16 bytes, unique enough for self-signed certificates.
-        let mut serial: [u8; 16] = rand::random();
-        serial[0] = (serial[0] & 0x7f) | 0x40;
-        let mut extensions: Vec<Extension> = usage_extensions(&key).into();
-        extensions.push(subject_alt_name(jid));
+        extensions.push(subject_alt_name(jid, style));
         extensions.push(bridge_extension(&openpgp));
-        let alg = match key {
-            PublicKey::Rsa { .. } => SigAlg::RsaSha256,
-            PublicKey::Ed25519(_) => SigAlg::Ed25519,
-        };
         Ok((
             Self {
                 keypair,
                 alg,
                 serial,
                 name: name_der(&common_names),
-                not_before: X509Time::new(primary.creation_time())?,
+                not_before: X509Time::new(created)?,
                 not_after,
                 extensions,
                 key,
@@ -906,6 +1018,20 @@ pub fn verify(
     trust: &Trust,
     now: SystemTime,
 ) -> Result<LoginIdentity, LoginCertError> {
+    let cert = presented_key(input)?;
+    let policy = StandardPolicy::new();
+    let (valid, t) = valid_at(&cert, &policy, now)?;
+    identity(&valid, trust, now, t)
+}
+
+/// The OpenPGP key a bridge certificate (`input`: PEM or DER) carries, after the checks that
+/// need no trust: it parses, the extension holds exactly one OpenPGP key, that key's primary key
+/// is the certificate's public key, and the X.509 self-signature verifies. A TLS handshake with
+/// the certificate then proves that the client holds the key, which is how Kontalk clients
+/// present their still uncertified key in registration step 2. Whether the key is valid, and
+/// whom it names, is for the caller (registration checks the User ID, [`verify`] the
+/// certification). CPU work: run it in `spawn_blocking` on async paths.
+pub fn presented_key(input: &[u8]) -> Result<Cert, LoginCertError> {
     if input.len() > MAX_CERTIFICATE_BYTES {
         return Err(LoginCertError::TooLarge);
     }
@@ -953,10 +1079,7 @@ pub fn verify(
         x509.tbs_certificate.as_ref(),
         &x509.signature_value.data,
     )?;
-
-    let policy = StandardPolicy::new();
-    let (valid, t) = valid_at(&cert, &policy, now)?;
-    identity(&valid, trust, now, t)
+    Ok(cert)
 }
 
 /// PEM (`CERTIFICATE`) or DER.
@@ -1151,7 +1274,9 @@ mod tests {
     }
 
     fn draft(user: &Cert) -> Draft {
-        Draft::new(user, &email(), SystemTime::now()).unwrap().0
+        Draft::new(user, &email(), SystemTime::now(), Style::Standard)
+            .unwrap()
+            .0
     }
 
     fn replace_bridge_extension(draft: &mut Draft, value: Vec<u8>) {
@@ -1195,6 +1320,10 @@ mod tests {
             (oid::SUBJECT_ALT_NAME, "2.5.29.17"),
             (oid::CLIENT_AUTH, "1.3.6.1.5.5.7.3.2"),
             (oid::XMPP_ADDR, "1.3.6.1.5.5.7.8.5"),
+            (oid::BASIC_CONSTRAINTS, "2.5.29.19"),
+            (oid::SUBJECT_KEY_ID, "2.5.29.14"),
+            (oid::AUTHORITY_KEY_ID, "2.5.29.35"),
+            (oid::NETSCAPE_CERT_TYPE, "2.16.840.1.113730.1.1"),
         ] {
             assert_eq!(bytes, encode_oid(dotted).as_slice(), "{dotted}");
         }
@@ -1316,46 +1445,127 @@ mod tests {
         }
     }
 
+    /// The extensions of a certificate in order: OID, critical, value.
+    fn extensions_of(der: &[u8]) -> Vec<(Vec<u8>, bool, Vec<u8>)> {
+        let (_, x509) = X509CertificateParser::new()
+            .with_deep_parse_extensions(false)
+            .parse(der)
+            .unwrap();
+        x509.extensions()
+            .iter()
+            .map(|e| (e.oid.as_bytes().to_vec(), e.critical, e.value.to_vec()))
+            .collect()
+    }
+
     #[test]
-    fn accepts_kontalk_shaped_certificates() {
-        // Kontalk's X509Bridge: notAfter = notBefore, CA basic constraints, and an xmppAddr
-        // otherName without the [0] EXPLICIT wrapper around its value.
+    fn builds_certificates_exactly_as_kontalks_x509bridge() {
+        // The layout of Kontalk's X509Bridge, as in the login certificate among the Android
+        // client's test assets (app/src/androidTest/assets/keys/login.crt): serial 1, notBefore
+        // = notAfter = the key's creation, sha1WithRSAEncryption, and these extensions in this
+        // order, with the xmppAddr value lacking its [0] EXPLICIT wrapper.
         let server = ServerKey::generate(DOMAIN).unwrap();
-        let user = certify(&server, rsa_user(), &email());
-        let mut d = draft(&user);
-        d.alg = SigAlg::RsaSha1;
-        d.not_after = X509Time::new(user.primary_key().key().creation_time()).unwrap();
-        let basic_constraints: &'static [u8] = &[0x55, 0x1d, 0x13];
-        assert_eq!(basic_constraints, encode_oid("2.5.29.19").as_slice());
-        let kontalk_san = yasna::construct_der(|w| {
-            w.write_sequence(|w| {
-                w.next().write_tagged_implicit(Tag::context(0), |w| {
-                    w.write_sequence(|w| {
-                        write_oid(w.next(), oid::XMPP_ADDR);
-                        w.next().write_utf8_string(&email());
-                    })
-                })
-            })
-        });
-        d.extensions.retain(|e| e.oid == oid::BRIDGE);
-        d.extensions.insert(
-            0,
-            Extension {
-                oid: basic_constraints,
-                critical: true,
-                value: vec![0x30, 0x03, 0x01, 0x01, 0xff],
-            },
-        );
-        d.extensions.push(Extension {
-            oid: oid::SUBJECT_ALT_NAME,
-            critical: false,
-            value: kontalk_san,
-        });
-        let der = d.finish().unwrap();
+        for (user, alg) in [
+            (rsa_user(), oid::SHA1_WITH_RSA),
+            (ed25519_user(), oid::ED25519),
+        ] {
+            let user = certify(&server, user, &email());
+            let built = build_styled(&user, &email(), SystemTime::now(), Style::Kontalk).unwrap();
+            let (_, x509) = X509CertificateParser::new()
+                .with_deep_parse_extensions(false)
+                .parse(built.der())
+                .unwrap();
+            assert_eq!(x509.raw_serial(), &[1]);
+            assert_eq!(x509.validity().not_before, x509.validity().not_after);
+            assert_eq!(
+                x509.validity().not_before.timestamp(),
+                user.primary_key()
+                    .key()
+                    .creation_time()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64
+            );
+            assert_eq!(x509.signature_algorithm.algorithm.as_bytes(), alg);
+            let key_id = Sha1::digest(&x509.public_key().subject_public_key.data).to_vec();
+            let mut san = vec![0x30, 0x00, 0xa0, 0x00, 0x06, 0x08];
+            san.extend_from_slice(oid::XMPP_ADDR);
+            san.extend_from_slice(&[0x0c, email().len() as u8]);
+            san.extend_from_slice(email().as_bytes());
+            san[3] = (san.len() - 4) as u8;
+            san[1] = (san.len() - 2) as u8;
+            let mut aki = vec![0x30, 0x16, 0x80, 0x14];
+            aki.extend_from_slice(&key_id);
+            let mut ski = vec![0x04, 0x14];
+            ski.extend_from_slice(&key_id);
+            let found = extensions_of(built.der());
+            let expected_head: Vec<(Vec<u8>, bool, Vec<u8>)> = vec![
+                (
+                    encode_oid("2.5.29.19"),
+                    true,
+                    vec![0x30, 0x03, 0x01, 0x01, 0xff],
+                ),
+                (encode_oid("2.5.29.15"), true, vec![0x03, 0x02, 0x02, 0xec]),
+                (
+                    encode_oid("2.16.840.1.113730.1.1"),
+                    false,
+                    vec![0x03, 0x02, 0x05, 0xa0],
+                ),
+                (encode_oid("2.5.29.14"), false, ski),
+                (encode_oid("2.5.29.35"), false, aki),
+                (encode_oid("2.5.29.17"), false, san),
+            ];
+            assert_eq!(found[..6], expected_head[..]);
+            assert_eq!(found.len(), 7);
+            assert_eq!(found[6].0, oid::BRIDGE);
+            assert!(!found[6].1);
+            assert_eq!(found[6].2, bit_string(&user.to_vec().unwrap()));
+            // Accepted at login, and its key read back for registration.
+            assert_eq!(
+                verify(built.der(), &trust(&server), SystemTime::now()).unwrap(),
+                expected(&user)
+            );
+            assert_eq!(
+                presented_key(built.pem().as_bytes()).unwrap().fingerprint(),
+                user.fingerprint()
+            );
+        }
+    }
+
+    #[test]
+    fn the_presented_key_of_an_uncertified_certificate() {
+        // Registration step 2: the client presents the bridge certificate of its key before
+        // the server certified it. The key is read back; the login check still refuses it.
+        let server = ServerKey::generate(DOMAIN).unwrap();
+        for user in [rsa_user(), ed25519_user()] {
+            for style in [Style::Standard, Style::Kontalk] {
+                let built = build_styled(&user, &email(), SystemTime::now(), style).unwrap();
+                let key = presented_key(built.der()).unwrap();
+                assert_eq!(key, user.clone().strip_secret_key_material());
+                assert_eq!(
+                    refused(built.der(), &trust(&server)).code(),
+                    "not-certified"
+                );
+            }
+        }
+        // The checks before trust still apply: another key in the extension, a broken
+        // signature, garbage.
+        let other = ed25519_user().strip_secret_key_material();
+        let mut d = draft(&rsa_user());
+        replace_bridge_extension(&mut d, bit_string(&other.to_vec().unwrap()));
         assert_eq!(
-            verify(&der, &trust(&server), SystemTime::now()).unwrap(),
-            expected(&user)
+            presented_key(&d.finish().unwrap()).unwrap_err(),
+            LoginCertError::KeyMismatch
         );
+        let mut der = build(&rsa_user(), &email(), SystemTime::now())
+            .unwrap()
+            .into_der();
+        let last = der.len() - 1;
+        der[last] ^= 1;
+        assert_eq!(
+            presented_key(&der).unwrap_err(),
+            LoginCertError::BadSignature
+        );
+        assert_eq!(presented_key(b"junk").unwrap_err().code(), "malformed");
     }
 
     #[test]
