@@ -170,12 +170,23 @@ impl Default for LoginSection {
 pub struct AccountsSection {
     /// How far a signed request's timestamp may be from now, in seconds.
     pub signature_max_age_seconds: u64,
+    /// How long an uploaded private key waits for the new device, in seconds.
+    pub key_transfer_seconds: u64,
+    /// Private key retrievals per client address (`"COUNT/PERIOD"` or `"off"`).
+    pub key_retrievals_per_ip: String,
+    /// Private key retrievals in total.
+    pub key_retrievals_global: String,
 }
 
 impl Default for AccountsSection {
     fn default() -> Self {
+        let s = Settings::default();
+        let show = |r: Option<Rate>| r.map_or_else(|| "off".to_owned(), |r| r.to_string());
         Self {
-            signature_max_age_seconds: 300,
+            signature_max_age_seconds: s.signature_max_age.as_secs(),
+            key_transfer_seconds: s.key_transfer_lifetime.as_secs(),
+            key_retrievals_per_ip: show(s.key_retrievals_per_ip),
+            key_retrievals_global: show(s.key_retrievals_global),
         }
     }
 }
@@ -1388,6 +1399,20 @@ impl FileConfig {
                 "must be between 30 and 86400",
             ));
         }
+        if !(60..=7 * 86_400).contains(&self.accounts.key_transfer_seconds) {
+            return Err(bad(
+                "accounts.key_transfer_seconds",
+                "must be between 60 and 604800",
+            ));
+        }
+        let key_retrievals_per_ip = rate(
+            "accounts.key_retrievals_per_ip",
+            &self.accounts.key_retrievals_per_ip,
+        )?;
+        let key_retrievals_global = rate(
+            "accounts.key_retrievals_global",
+            &self.accounts.key_retrievals_global,
+        )?;
         let e = &self.events;
         if let Some(u) = &e.webhook_url
             && !(u.starts_with("https://") || u.starts_with("http://"))
@@ -1427,6 +1452,9 @@ impl FileConfig {
             abuse,
             signature_max_age: Duration::from_secs(self.accounts.signature_max_age_seconds),
             event_sinks: events.sinks(),
+            key_transfer_lifetime: Duration::from_secs(self.accounts.key_transfer_seconds),
+            key_retrievals_per_ip,
+            key_retrievals_global,
         };
         Ok(Config {
             mode: self.mode,

@@ -288,6 +288,14 @@ impl UserKey {
         Ok(Self(cert))
     }
 
+    /// The public key `cert` (refused when it holds secret key material).
+    pub fn from_cert(cert: Cert) -> Result<Self, KeyError> {
+        if cert.is_tsk() {
+            return Err(KeyError::SecretMaterial);
+        }
+        Ok(Self(cert))
+    }
+
     /// The fingerprint (hex, upper case).
     pub fn fingerprint(&self) -> String {
         self.0.fingerprint().to_hex()
@@ -297,6 +305,52 @@ impl UserKey {
     pub fn cert(&self) -> &Cert {
         &self.0
     }
+}
+
+/// Why an uploaded private key was refused (key transfer to a new device).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretKeyError {
+    /// Larger than [`MAX_KEY_BYTES`].
+    #[error("the private key is larger than {MAX_KEY_BYTES} bytes")]
+    TooLarge,
+    /// Not one OpenPGP key.
+    #[error("the private key is not one OpenPGP key: {0}")]
+    Parse(String),
+    /// No secret key material at all.
+    #[error("the private key holds no secret key material")]
+    NoSecret,
+    /// Some secret key material is not protected by a passphrase.
+    #[error("the private key must be protected by a passphrase; refusing to store it in clear")]
+    Unencrypted,
+}
+
+/// Checks an uploaded secret key (binary or armored): exactly one OpenPGP key with secret key
+/// material, every part of which is encrypted (the client protects it with a passphrase before
+/// upload, and the server keeps nothing in clear). Returns its fingerprint.
+pub fn check_encrypted_secret_key(bytes: &[u8]) -> Result<String, SecretKeyError> {
+    if bytes.len() > MAX_KEY_BYTES {
+        return Err(SecretKeyError::TooLarge);
+    }
+    let parse = |e: anyhow::Error| SecretKeyError::Parse(e.to_string());
+    let mut certs = CertParser::from_bytes(bytes).map_err(parse)?;
+    let cert = certs
+        .next()
+        .ok_or_else(|| SecretKeyError::Parse("no key".into()))?
+        .map_err(parse)?;
+    if certs.next().is_some() {
+        return Err(SecretKeyError::Parse("more than one key".into()));
+    }
+    let mut secrets = 0;
+    for key in cert.keys().secret() {
+        secrets += 1;
+        if key.key().has_unencrypted_secret() {
+            return Err(SecretKeyError::Unencrypted);
+        }
+    }
+    if secrets == 0 {
+        return Err(SecretKeyError::NoSecret);
+    }
+    Ok(cert.fingerprint().to_hex())
 }
 
 /// Why a new key may not replace an account's key (key rollover).

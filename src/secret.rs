@@ -104,6 +104,16 @@ impl ServerSecret {
             .is_ok()
     }
 
+    /// The keyed hash under which a bearer secret (a key transfer token) is stored: whoever reads
+    /// the database cannot present it. Hex, 64 digits.
+    pub fn token_id(&self, kind: &str, token: &str) -> String {
+        hex::encode(
+            self.mac(b"token", &[kind.as_bytes(), token.as_bytes()])
+                .finalize()
+                .into_bytes(),
+        )
+    }
+
     /// A short stable pseudonym for personal data (a number, an address) in logs and limiter
     /// keys: 16 hex digits of a keyed hash.
     pub fn pseudonym(&self, kind: &str, value: &str) -> String {

@@ -10,16 +10,20 @@
 //! | POST | `/v1/verifications/{id}/code` | verify: `{"code", "public_key"}` |
 //! | GET, POST | `/v1/receipts/{provider}` | delivery receipts (status callbacks) of a provider |
 //! | POST | `/v1/login-certificates/verify` | check a login certificate (body: PEM or DER) |
+//! | POST | `/v1/xmpp/relay` | answer a `jabber:iq:register` iq relayed by Prosody (`prosody/LINK.md`) |
 //! | PUT | `/v1/accounts/{id}/key` | key rollover: `{"public_key", "revoked"?}` |
 //! | DELETE | `/v1/accounts/{id}` | remove: `{"timestamp", "nonce", "signature"}` |
 //! | GET | `/v1/server-key` | the server's public key, ASCII armor; with `Accept: application/json`, every trusted key |
 //! | GET | `/healthz`, `/readyz` | liveness, and readiness (database answers) |
 //!
-//! The login check answers only clients in `login.allowed_ips` (as [`ApiState`] sees the client
-//! address, through trusted proxies) or bearing `login.bearer_token`: it tells whether a key is
-//! an account's current key, which is the XMPP server's business, not the public's.
+//! The login check and the XMPP relay answer only clients in `login.allowed_ips` (as
+//! [`ApiState`] sees the client address, through trusted proxies) or bearing
+//! `login.bearer_token`: the login check tells whether a key is an account's current key, and the
+//! relay believes what its caller says about the XMPP client; both are the XMPP server's
+//! business, not the public's.
 
 pub mod problem;
+mod relay;
 
 use std::sync::Arc;
 
@@ -61,6 +65,8 @@ pub struct ApiState {
     /// [`token_digest`] of `login.bearer_token`: compared as a MAC so the comparison takes the
     /// same time wherever a guess differs.
     login_token: Option<Arc<[u8]>>,
+    /// The XMPP handler behind the Prosody relay (answering as the domain).
+    relay: Arc<crate::xmpp::Handler>,
 }
 
 /// Key of the MAC that bearer tokens are compared through (not a secret: the MAC only makes the
@@ -94,7 +100,17 @@ pub struct HttpOptions {
 /// the limits see client addresses.
 pub fn router(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, options: HttpOptions) -> Router {
     let max_body_bytes = options.max_body_bytes;
+    let domain = registrar.settings().domain.clone();
+    // Config validation refuses a domain that is no JID; this only guards the library entry.
+    let relay_jid = xmpp_parsers::jid::Jid::new(&domain)
+        .or_else(|_| xmpp_parsers::jid::Jid::new("localhost"))
+        .unwrap_or_else(|_| unreachable!("localhost is a JID"));
     let state = ApiState {
+        relay: Arc::new(crate::xmpp::Handler::new(
+            registrar.clone(),
+            clock.clone(),
+            relay_jid,
+        )),
         registrar,
         clock,
         public_url: options
@@ -115,6 +131,7 @@ pub fn router(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, options: HttpOpt
         .route("/v1/verifications/{id}/code", post(verify))
         .route("/v1/receipts/{provider}", get(receipt).post(receipt))
         .route("/v1/login-certificates/verify", post(check_login))
+        .route("/v1/xmpp/relay", post(relay::relay_iq))
         .route("/v1/accounts/{id}/key", put(roll_over))
         .route("/v1/accounts/{id}", delete(remove))
         .route("/v1/server-key", get(server_key))

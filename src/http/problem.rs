@@ -134,6 +134,12 @@ impl Problem {
                 "Verification locked",
                 detail,
             ),
+            Error::NoKeyTransfer => Self::new(
+                StatusCode::NOT_FOUND,
+                "no-key-transfer",
+                "No key transfer",
+                detail,
+            ),
             Error::NoAccount => Self::new(
                 StatusCode::NOT_FOUND,
                 "no-account",

@@ -115,6 +115,29 @@ impl Registrar {
         }
     }
 
+    /// The registered account a logged-in XMPP session acts for: the account must exist, and when
+    /// the transport knows the key the session logged in with (the Prosody link relays it), that
+    /// key must still be the account's. A session of a replaced key is refused even before the
+    /// XMPP server has closed it.
+    pub async fn session_account(
+        &self,
+        account: &AccountId,
+        login_fingerprint: Option<&str>,
+    ) -> Result<crate::store::AccountRecord, Error> {
+        let record = self
+            .store
+            .account(account.as_str())
+            .await?
+            .ok_or(Error::NoAccount)?;
+        match login_fingerprint {
+            Some(f) if !f.eq_ignore_ascii_case(&record.fingerprint) => {
+                tracing::info!(account = %account, "request from a session of a replaced key");
+                Err(Error::Forbidden(AuthFailure::LoginKeyReplaced))
+            }
+            _ => Ok(record),
+        }
+    }
+
     /// Checks a login certificate (PEM or DER): the certificate's own checks (see
     /// [`login_cert::verify`]), then that its key is the account's current key.
     pub async fn check_login(&self, certificate: Vec<u8>) -> Result<LoginIdentity, Error> {

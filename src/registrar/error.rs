@@ -146,6 +146,10 @@ pub enum Error {
     /// The request is not authorised by the account.
     #[error("{}", .0.text())]
     Forbidden(AuthFailure),
+    /// No private key is waiting for this token: never uploaded, already retrieved, expired,
+    /// or superseded by a newer key of the account.
+    #[error("no private key is waiting for this token: it was used, has expired, or never existed")]
+    NoKeyTransfer,
     /// The account's key changed while the request was served.
     #[error("the account's key changed meanwhile; fetch it and try again")]
     KeyChanged,
@@ -184,6 +188,8 @@ impl LoginRefusal {
 pub enum AuthFailure {
     /// Over XMPP: the request does not come from the account's own JID.
     NotAccountJid,
+    /// Over XMPP: the session logged in with a key that is no longer the account's.
+    LoginKeyReplaced,
     /// The signature is not a valid signature of the request by the account's current key.
     BadSignature,
     /// The signed timestamp is too far from now.
@@ -197,6 +203,7 @@ impl AuthFailure {
     pub fn code(self) -> &'static str {
         match self {
             Self::NotAccountJid => "not-account-jid",
+            Self::LoginKeyReplaced => "login-key-replaced",
             Self::BadSignature => "bad-signature",
             Self::Stale => "stale-timestamp",
             Self::Replayed => "replayed",
@@ -206,6 +213,9 @@ impl AuthFailure {
     fn text(self) -> &'static str {
         match self {
             Self::NotAccountJid => "only the account itself may do this",
+            Self::LoginKeyReplaced => {
+                "this session logged in with a key that is no longer the account's; log in again"
+            }
             Self::BadSignature => "the signature does not verify with the account's current key",
             Self::Stale => "the signed timestamp is too far from the server's time",
             Self::Replayed => "this signed request was already used",

@@ -77,7 +77,7 @@ impl Registrar {
 
     /// A store failure while counting: refused (fail closed) or let through (fail open), with a
     /// log line either way.
-    fn limits_failed(&self, e: StoreError, what: &str) -> Result<(), Error> {
+    pub(super) fn limits_failed(&self, e: StoreError, what: &str) -> Result<(), Error> {
         if self.settings.abuse.fail_open {
             tracing::warn!(error = %e, what, "cannot read the limits; serving anyway (fail_open)");
             Ok(())
@@ -107,7 +107,7 @@ impl Registrar {
             .map_err(Error::NotAllowed)
     }
 
-    fn ip_log_id(&self, ip: IpAddr) -> String {
+    pub(super) fn ip_log_id(&self, ip: IpAddr) -> String {
         self.secret
             .pseudonym("ip", &abuse::ip_group(ip, self.settings.abuse.ipv6_prefix))
     }

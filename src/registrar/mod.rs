@@ -16,6 +16,7 @@ pub mod dispatch;
 mod error;
 mod guard;
 pub mod templates;
+mod transfer;
 mod types;
 
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub use error::{AuthFailure, Error, Limit, LoginRefusal, Refusal};
 pub use guard::{Origin, SpendLine};
 pub use registrar_providers::Challenge;
 pub use templates::Templates;
+pub use transfer::{KeyToken, TransferredKey};
 pub use types::{BadCode, BadVerificationId, CODE_LENGTHS, Code, VerificationId};
 
 use crate::clock::Clock;
@@ -85,6 +87,12 @@ pub struct Settings {
     pub signature_max_age: Duration,
     /// Where events about replaced keys and removed accounts go (`webhook`, `xmpp`).
     pub event_sinks: Vec<String>,
+    /// How long an uploaded private key waits for the new device.
+    pub key_transfer_lifetime: Duration,
+    /// Key retrievals per client address (IPv6 per network).
+    pub key_retrievals_per_ip: Option<abuse::Rate>,
+    /// Key retrievals in total.
+    pub key_retrievals_global: Option<abuse::Rate>,
 }
 
 impl Default for Settings {
@@ -107,6 +115,9 @@ impl Default for Settings {
             abuse: AbuseSettings::default(),
             signature_max_age: Duration::from_secs(300),
             event_sinks: Vec::new(),
+            key_transfer_lifetime: Duration::from_secs(900),
+            key_retrievals_per_ip: Some(abuse::Rate::new(10, Duration::from_secs(3600))),
+            key_retrievals_global: Some(abuse::Rate::new(1000, Duration::from_secs(3600))),
         }
     }
 }
@@ -892,7 +903,7 @@ impl Registrar {
         &self,
         code: &Code,
         key: UserKey,
-        requester: &str,
+        origin: &Origin,
     ) -> Result<Registered, Error> {
         let now = ts(self.clock.now());
         let mut found = None;
@@ -907,8 +918,17 @@ impl Registrar {
         let Some(v) = found else {
             return Err(Error::NotFound);
         };
-        let who = self.secret.pseudonym("requester", requester);
-        self.check_and_complete(v, code, key, Requester::Peer(&who), &Origin::jid(requester))
+        // The requester: its JID, or before login (the Prosody relay) its address.
+        let requester = match (&origin.jid, origin.ip) {
+            (Some(jid), _) => format!("jid:{jid}"),
+            (None, Some(ip)) => format!(
+                "ip:{}",
+                abuse::ip_group(ip, self.settings.abuse.ipv6_prefix)
+            ),
+            (None, None) => "unknown".to_owned(),
+        };
+        let who = self.secret.pseudonym("requester", &requester);
+        self.check_and_complete(v, code, key, Requester::Peer(&who), origin)
             .await
     }
 

@@ -84,6 +84,34 @@ pub struct AccountRecord {
     pub updated_at: i64,
 }
 
+/// A private key waiting for a new device (Kontalk's key transfer).
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyTransferRecord {
+    /// Keyed hash of the token the new device presents.
+    pub token_hash: String,
+    /// Account id.
+    pub account: String,
+    /// Fingerprint of the key uploaded (the account's key at the upload).
+    pub fingerprint: String,
+    /// The secret key as the client encrypted it (binary OpenPGP).
+    pub private_key: Vec<u8>,
+    /// Upload time.
+    pub created_at: i64,
+    /// When it is deleted unretrieved.
+    pub expires_at: i64,
+}
+
+impl std::fmt::Debug for KeyTransferRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyTransferRecord")
+            .field("account", &self.account)
+            .field("fingerprint", &self.fingerprint)
+            .field("private_key_len", &self.private_key.len())
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A new code for a verification (a resend).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Renewal {
@@ -447,7 +475,8 @@ pub trait Store: Send + Sync {
     /// same transaction; whether it did.
     async fn replace_key(&self, account: &str, c: &KeyChange) -> Result<bool, StoreError>;
 
-    /// Deletes the account if its key still is `fingerprint` (and its verifications), recording
+    /// Deletes the account if its key still is `fingerprint` (and its verifications and key
+    /// transfer), recording
     /// the event in the same transaction; whether it did.
     async fn remove_account(
         &self,
@@ -456,6 +485,17 @@ pub trait Store: Send + Sync {
         now: i64,
         notice: &Notice,
     ) -> Result<bool, StoreError>;
+
+    /// Stores a key transfer, replacing any earlier one of the same account.
+    async fn put_key_transfer(&self, t: &KeyTransferRecord) -> Result<(), StoreError>;
+
+    /// Deletes and returns the key transfer of `token_hash` (at most once, whoever asks), if
+    /// it has not expired at `now`.
+    async fn take_key_transfer(
+        &self,
+        token_hash: &str,
+        now: i64,
+    ) -> Result<Option<KeyTransferRecord>, StoreError>;
 
     /// Records a nonce until `expires_at`; false when it was already recorded (a replay).
     async fn use_nonce(&self, key: &str, expires_at: i64) -> Result<bool, StoreError>;

@@ -435,6 +435,7 @@ impl Store for $store {
             ("DELETE FROM daily_sends WHERE day < $1", abuse::day(now) - 2),
             ("DELETE FROM spend WHERE day < $1", abuse::day(now - super::SPEND_RETENTION)),
             ("DELETE FROM nonces WHERE expires_at < $1", now),
+            ("DELETE FROM key_transfers WHERE expires_at <= $1", now),
         ];
         for (query, before) in old {
             sqlx::query(query).bind(before).execute(&self.pool).await.map_err(db)?;
@@ -755,16 +756,72 @@ impl Store for $store {
         if r.rows_affected() == 0 {
             return Ok(false);
         }
-        // A verification still held for the account (with its number) goes with it.
-        sqlx::query("DELETE FROM verifications WHERE account = $1")
-            .bind(account)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        // A verification still held for the account (with its number) and a private key
+        // waiting for another device go with it.
+        for query in [
+            "DELETE FROM verifications WHERE account = $1",
+            "DELETE FROM key_transfers WHERE account = $1",
+        ] {
+            sqlx::query(query)
+                .bind(account)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
         insert_events!(tx, *notice, EventKind::AccountRemoved, account, Some(fingerprint),
             None::<&str>, now);
         tx.commit().await.map_err(db)?;
         Ok(true)
+    }
+
+    async fn put_key_transfer(&self, t: &KeyTransferRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+        sqlx::query("DELETE FROM key_transfers WHERE account = $1")
+            .bind(&t.account)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO key_transfers (token_hash, account, fingerprint, private_key, \
+             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&t.token_hash)
+        .bind(&t.account)
+        .bind(&t.fingerprint)
+        .bind(&t.private_key)
+        .bind(t.created_at)
+        .bind(t.expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn take_key_transfer(
+        &self,
+        token_hash: &str,
+        now: i64,
+    ) -> Result<Option<KeyTransferRecord>, StoreError> {
+        // One statement: of two requests with the same token, one gets the row.
+        let row = sqlx::query(
+            "DELETE FROM key_transfers WHERE token_hash = $1 RETURNING token_hash, account, \
+             fingerprint, private_key, created_at, expires_at",
+        )
+        .bind(token_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let get = |e: sqlx::Error| StoreError::Database(e.to_string());
+        let t = KeyTransferRecord {
+            token_hash: row.try_get("token_hash").map_err(get)?,
+            account: row.try_get("account").map_err(get)?,
+            fingerprint: row.try_get("fingerprint").map_err(get)?,
+            private_key: row.try_get("private_key").map_err(get)?,
+            created_at: row.try_get("created_at").map_err(get)?,
+            expires_at: row.try_get("expires_at").map_err(get)?,
+        };
+        Ok((t.expires_at > now).then_some(t))
     }
 
     async fn use_nonce(&self, key: &str, expires_at: i64) -> Result<bool, StoreError> {

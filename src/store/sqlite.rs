@@ -14,7 +14,7 @@ use sqlx::sqlite::{
 use super::sql::{db, insert_events, migration_error};
 use super::{
     AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, EventKind,
-    EventRecord, KeyChange, Notice, RateBucket, Renewal, Requester, SentRecord, SpendRecord, Store,
+    EventRecord, KeyChange, KeyTransferRecord, Notice, RateBucket, Renewal, Requester, SentRecord, SpendRecord, Store,
     StoreError, TryLimits, VerificationRecord,
 };
 use crate::registrar::abuse;

@@ -50,7 +50,7 @@ pub fn from_error(e: &Error, now: DateTime<Utc>) -> StanzaError {
         | Error::WrongCode { .. }
         | Error::BadKey(_)
         | Error::RolloverRefused(_) => stanza_error(T::Modify, C::BadRequest, &text),
-        Error::NoAccount => stanza_error(T::Cancel, C::ItemNotFound, &text),
+        Error::NoAccount | Error::NoKeyTransfer => stanza_error(T::Cancel, C::ItemNotFound, &text),
         Error::LoginRefused(_) | Error::Forbidden(_) => stanza_error(T::Auth, C::Forbidden, &text),
         Error::KeyChanged => stanza_error(T::Wait, C::Conflict, &text),
         Error::Conflict => stanza_error(T::Modify, C::Conflict, &text),

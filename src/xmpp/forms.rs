@@ -4,7 +4,11 @@
 //! Requests are dispatched on the form's `FORM_TYPE`, never on which fields happen to be present:
 //! `jabber:iq:register` starts a verification, `http://kontalk.org/protocol/register#code`
 //! submits the code and key, `http://kontalk.org/protocol/register#key` rolls a registered
-//! account over to a new key (Kontalk's key rollover, sent by the logged-in user).
+//! account over to a new key (Kontalk's key rollover, sent by the logged-in user), and
+//! `http://kontalk.org/protocol/register#privatekey` uploads the logged-in user's encrypted
+//! private key for a new device, which fetches it with an `iq get` holding
+//! `<account xmlns='http://kontalk.org/protocol/register#account'>` (see
+//! `../shared/reference/kontalk-account-management.md`).
 
 use crate::registrar::{Challenge, Verification};
 use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
@@ -26,6 +30,38 @@ pub const CODE_FORM_TYPE: &str = "http://kontalk.org/protocol/register#code";
 
 /// FORM_TYPE of a key rollover (new key, optional revoked old key).
 pub const KEY_FORM_TYPE: &str = "http://kontalk.org/protocol/register#key";
+
+/// FORM_TYPE of a private key upload (and of its answer, with the token).
+pub const PRIVATE_KEY_FORM_TYPE: &str = "http://kontalk.org/protocol/register#privatekey";
+
+/// Namespace of the `account` element of a private key retrieval.
+pub const ACCOUNT_NS: &str = "http://kontalk.org/protocol/register#account";
+
+/// What a client asked with `iq get` on `jabber:iq:register`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Query {
+    /// The registration form (or, for a registered account, what it can change).
+    Form,
+    /// A new device's retrieval of the private key stored under `token`.
+    PrivateKey {
+        /// The token as sent.
+        token: String,
+    },
+}
+
+/// Parses the payload of an `iq get` on `jabber:iq:register`.
+pub fn parse_query(payload: &Element) -> Result<Query, FormError> {
+    let Some(account) = payload.get_child("account", ACCOUNT_NS) else {
+        return Ok(Query::Form);
+    };
+    let token = account
+        .get_child("privatekey", ACCOUNT_NS)
+        .and_then(|p| p.get_child("token", ACCOUNT_NS))
+        .map(|t| t.text())
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| bad_request("the account element needs <privatekey><token>"))?;
+    Ok(Query::PrivateKey { token })
+}
 
 /// What a client submitted with `iq set` on `jabber:iq:register`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +92,11 @@ pub enum Submission {
         public_key: String,
         /// base64 of the current key carrying its revocation, when sent.
         revoked: Option<String>,
+    },
+    /// Private key upload: base64 of the passphrase-protected secret key.
+    PrivateKey {
+        /// base64 of the binary (or armored) secret key.
+        private_key: String,
     },
     /// XEP-0077 `<remove/>`.
     Remove,
@@ -129,6 +170,9 @@ pub fn parse_submission(payload: Element) -> Result<Submission, FormError> {
             revoked: value(&form, "revoked")
                 .filter(|v| !v.is_empty())
                 .map(str::to_owned),
+        }),
+        Some(PRIVATE_KEY_FORM_TYPE) => Ok(Submission::PrivateKey {
+            private_key: required(&form, "privatekey")?.to_owned(),
         }),
         Some(other) => Err(bad_request(&format!("unknown FORM_TYPE {other}"))),
         None => Err(bad_request("the data form has no FORM_TYPE")),
@@ -260,6 +304,66 @@ pub fn rolled_over_form(public_key_b64: String) -> FormQuery {
     key_form(KEY_FORM_TYPE, public_key_b64)
 }
 
+/// The answer to a registered account's `iq get` (XEP-0077 3.2.1: `<registered/>`), with what it
+/// can change: its key (the rollover form, whose fields are listed), its private key for a new
+/// device (`#privatekey`), and `<remove/>`.
+pub fn registered_query(instructions: &str) -> Element {
+    let mut public_key = field("publickey", FieldType::TextSingle, "New public key");
+    public_key.required = true;
+    let revoked = field(
+        "revoked",
+        FieldType::TextSingle,
+        "Current key with its revocation",
+    );
+    let form = DataForm::new(DataFormType::Form, KEY_FORM_TYPE, vec![public_key, revoked]);
+    Element::builder("query", ns::REGISTER)
+        .append(Element::builder("registered", ns::REGISTER).build())
+        .append(
+            Element::builder("instructions", ns::REGISTER)
+                .append(instructions)
+                .build(),
+        )
+        .append(Element::from(form))
+        .build()
+}
+
+/// The answer to a private key upload: the token for the new device.
+pub fn private_key_token_form(token: &str) -> FormQuery {
+    FormQuery {
+        instructions: None,
+        form: DataForm::new(
+            DataFormType::Form,
+            PRIVATE_KEY_FORM_TYPE,
+            vec![with_value(
+                field("token", FieldType::TextSingle, "Private key token"),
+                token,
+            )],
+        ),
+    }
+}
+
+/// The answer to a retrieval: the stored private key and the account's public key, both base64
+/// of binary OpenPGP, as Kontalk's Android client reads them.
+pub fn account_query(private_b64: &str, public_b64: &str) -> Element {
+    let text = |name: &str, value: &str| {
+        Element::builder(name, ACCOUNT_NS)
+            .append(value)
+            .build()
+    };
+    Element::builder("query", ns::REGISTER)
+        .append(
+            Element::builder("account", ACCOUNT_NS)
+                .append(
+                    Element::builder("privatekey", ACCOUNT_NS)
+                        .append(text("private", private_b64))
+                        .append(text("public", public_b64))
+                        .build(),
+                )
+                .build(),
+        )
+        .build()
+}
+
 fn key_form(form_type: &str, public_key_b64: String) -> FormQuery {
     FormQuery {
         instructions: None,
@@ -371,6 +475,73 @@ mod tests {
         assert_eq!(err_text(parse(&no_key)), "the field publickey is required");
         let remove = "<query xmlns='jabber:iq:register'><remove/></query>";
         assert_eq!(parse(remove).unwrap(), Submission::Remove);
+    }
+
+    #[test]
+    fn parses_the_account_management_requests() {
+        // Upload and retrieval as in kontalk-account-management.md.
+        let upload = "<query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>http://kontalk.org/protocol/register#privatekey</value></field><field var='privatekey' type='text-single'><value>U0VDUkVU</value></field></x></query>";
+        assert_eq!(
+            parse(upload).unwrap(),
+            Submission::PrivateKey {
+                private_key: "U0VDUkVU".into()
+            }
+        );
+        let empty = upload.replace("U0VDUkVU", "");
+        assert_eq!(err_text(parse(&empty)), "the field privatekey is required");
+        let retrieve = "<query xmlns='jabber:iq:register'><account xmlns='http://kontalk.org/protocol/register#account'><privatekey><token>TOKEN</token></privatekey></account></query>";
+        assert_eq!(
+            parse_query(&Element::from_str(retrieve).unwrap()).unwrap(),
+            Query::PrivateKey {
+                token: "TOKEN".into()
+            }
+        );
+        for bad in [
+            "<query xmlns='jabber:iq:register'><account xmlns='http://kontalk.org/protocol/register#account'/></query>",
+            "<query xmlns='jabber:iq:register'><account xmlns='http://kontalk.org/protocol/register#account'><privatekey><token> </token></privatekey></account></query>",
+        ] {
+            assert!(
+                parse_query(&Element::from_str(bad).unwrap())
+                    .unwrap_err()
+                    .0
+                    .contains("token")
+            );
+        }
+        for plain in [
+            "<query xmlns='jabber:iq:register'/>",
+            // Another namespace's account element is not a retrieval.
+            "<query xmlns='jabber:iq:register'><account xmlns='urn:other'/></query>",
+        ] {
+            assert_eq!(
+                parse_query(&Element::from_str(plain).unwrap()).unwrap(),
+                Query::Form
+            );
+        }
+    }
+
+    #[test]
+    fn renders_the_account_management_answers() {
+        let s = xml(private_key_token_form("0123"));
+        assert!(
+            s.contains("<value>http://kontalk.org/protocol/register#privatekey</value>"),
+            "{s}"
+        );
+        assert!(s.contains("var='token'><value>0123</value>"), "{s}");
+        let s = String::from(&account_query("UFJJ", "UFVC"));
+        assert_eq!(
+            s,
+            "<query xmlns='jabber:iq:register'><account xmlns='http://kontalk.org/protocol/register#account'><privatekey><private>UFJJ</private><public>UFVC</public></privatekey></account></query>"
+        );
+        let q = registered_query("This account is registered.");
+        assert!(q.get_child("registered", ns::REGISTER).is_some());
+        assert_eq!(
+            q.get_child("instructions", ns::REGISTER).unwrap().text(),
+            "This account is registered."
+        );
+        let form = DataForm::try_from(q.get_child("x", ns::DATA_FORMS).unwrap().clone()).unwrap();
+        assert_eq!(form.form_type(), Some(KEY_FORM_TYPE));
+        let vars: Vec<_> = form.fields.iter().filter_map(|f| f.var.as_deref()).collect();
+        assert!(vars.contains(&"publickey") && vars.contains(&"revoked"), "{vars:?}");
     }
 
     #[test]

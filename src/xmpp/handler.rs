@@ -1,13 +1,23 @@
 //! One iq in, at most one iq out: disco#info, ping, and `jabber:iq:register` get/set turned into
 //! core calls. Every unhandled get or set is answered with service-unavailable; results and
-//! errors addressed to us are never answered.
+//! errors addressed to us are never answered. The same handler serves the external component and
+//! the Prosody relay ([`super::relay`]); each transport says who sent the iq in a [`Sender`] and
+//! addresses the answer itself.
 //!
-//! Key rollover and `<remove/>` act on a registered account, so they are taken only from that
-//! account's own JID: the XMPP server stamps `from` after authenticating the user, which makes
-//! the bare JID `<account>@<domain>` the proof (any other sender gets forbidden, type auth).
-//! Registration itself comes from anonymous JIDs, whose `from` proves nothing and is used only
-//! as the origin for the abuse limits.
+//! Key rollover, `<remove/>`, the private key upload and the registered user's `iq get` act on a
+//! registered account, so they are taken only from that account's own JID: the XMPP server stamps
+//! `from` after authenticating the user, which makes the bare JID `<account>@<domain>` the proof
+//! (any other sender gets forbidden, type auth). Where the transport also knows the key the
+//! session logged in with (the Prosody relay), that key must still be the account's.
+//! Registration itself comes from anonymous JIDs or, through the relay, from streams that are not
+//! authenticated; their `from` and address are used only as the origin for the abuse limits.
+//!
+//! Step 2 takes the user's key from the TLS client certificate when the transport saw one (as
+//! Kontalk clients send it, see [`crate::login_cert::presented_key`]), or from the `publickey`
+//! field; when both come they must be the same key. A certificate that fails any check is
+//! answered as Kontalk's server does: bad-request "Invalid public key.".
 
+use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -20,13 +30,50 @@ use xmpp_parsers::ns;
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use super::errors::{self, bad_request, stanza_error};
-use super::forms::{self, Submission};
+use super::forms::{self, Query, Submission};
 use crate::clock::Clock;
+use crate::login_cert;
 use crate::openpgp::UserKey;
 use crate::phone::AccountId;
 use crate::registrar::{Code, Error, Origin, Registrar, RemovalProof, StartRequest};
 
-/// Answers iqs for the component `jid`.
+/// Kontalk's server's text for a step-2 key it cannot use, which its clients show.
+pub const INVALID_PUBLIC_KEY: &str = "Invalid public key.";
+
+/// Who sent an iq, as the transport that delivered it vouches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sender {
+    /// The sender's JID as the XMPP server stamped it: over the component the anonymous or
+    /// logged-in user's JID; over the Prosody relay the logged-in session's JID, `None` before
+    /// the client authenticated.
+    pub jid: Option<Jid>,
+    /// The client's address (the relay knows it; the component does not).
+    pub ip: Option<IpAddr>,
+    /// The TLS client certificate the client presented, PEM or DER (the relay).
+    pub certificate: Option<Vec<u8>>,
+    /// The fingerprint of the key the session logged in with (the relay).
+    pub login_fingerprint: Option<String>,
+}
+
+impl Sender {
+    /// A sender known by its JID only (the component).
+    pub fn jid(jid: Jid) -> Self {
+        Self {
+            jid: Some(jid),
+            ..Self::default()
+        }
+    }
+
+    fn origin(&self) -> Origin {
+        Origin {
+            ip: self.ip,
+            jid: self.jid.as_ref().map(|j| j.to_bare().to_string()),
+            idempotency_key: None,
+        }
+    }
+}
+
+/// Answers iqs for the component `jid` and the Prosody relay.
 pub struct Handler {
     registrar: Arc<Registrar>,
     clock: Arc<dyn Clock>,
@@ -38,7 +85,7 @@ type Answer = Result<Option<Element>, StanzaError>;
 // StanzaError is large, but it is the protocol's own error type, built at most once per request.
 #[allow(clippy::result_large_err)]
 impl Handler {
-    /// A handler answering as `jid`.
+    /// A handler answering as `jid` (the component's JID; for the relay, the domain).
     pub fn new(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, jid: Jid) -> Self {
         Self {
             registrar,
@@ -57,20 +104,33 @@ impl Handler {
         &self.registrar
     }
 
-    /// The account whose own JID sent a request, with that bare JID; forbidden for anyone else.
-    fn sender_account(&self, from: &Jid) -> Result<(AccountId, String), StanzaError> {
+    /// The account whose own logged-in session sent a request, with its stored record;
+    /// forbidden for anyone else, and for a session of a key the account no longer has.
+    async fn sender_account(
+        &self,
+        sender: &Sender,
+    ) -> Result<(AccountId, crate::store::AccountRecord), StanzaError> {
         let domain = &self.registrar.settings().domain;
-        let account = from
-            .node()
-            .filter(|_| from.domain().as_str().eq_ignore_ascii_case(domain))
+        let account = sender
+            .jid
+            .as_ref()
+            .filter(|from| from.domain().as_str().eq_ignore_ascii_case(domain))
+            .and_then(|from| from.node())
             .and_then(|node| node.as_str().parse::<AccountId>().ok());
-        match account {
-            Some(account) => Ok((account, from.to_bare().to_string())),
-            None => Err(stanza_error(
+        let Some(account) = account else {
+            return Err(stanza_error(
                 ErrorType::Auth,
                 DefinedCondition::Forbidden,
                 "only a registered account's own JID, logged in, can do this",
-            )),
+            ));
+        };
+        match self
+            .registrar
+            .session_account(&account, sender.login_fingerprint.as_deref())
+            .await
+        {
+            Ok(record) => Ok((account, record)),
+            Err(e) => Err(self.core_error(&e)),
         }
     }
 
@@ -78,29 +138,34 @@ impl Handler {
         errors::from_error(e, self.clock.now())
     }
 
-    /// The answer to `iq`, if it needs one.
+    /// The component's answer to `iq` (from its JID to the sender), if it needs one.
     pub async fn handle(&self, iq: Iq) -> Option<Iq> {
         let from = iq.from().cloned()?;
-        let id = iq.id().to_owned();
-        let answer = match iq {
-            Iq::Get { payload, .. } => self.get(payload),
-            Iq::Set { payload, .. } => self.set(payload, &from).await,
-            Iq::Result { .. } | Iq::Error { .. } => return None,
-        };
-        let reply = match answer {
-            Ok(Some(payload)) => Iq::Result {
-                from: None,
-                to: None,
-                id,
-                payload: Some(payload),
-            },
-            Ok(None) => Iq::empty_result(from.clone(), id),
-            Err(error) => Iq::from_error(id, error),
-        };
+        let reply = self.answer(iq, &Sender::jid(from.clone())).await?;
         Some(reply.with_from(self.jid.clone()).with_to(from))
     }
 
-    fn get(&self, payload: Element) -> Answer {
+    /// The answer to `iq` from `sender`, without addressing (the transport sets `from` and `to`),
+    /// if it needs one.
+    pub async fn answer(&self, iq: Iq, sender: &Sender) -> Option<Iq> {
+        let id = iq.id().to_owned();
+        let answer = match iq {
+            Iq::Get { payload, .. } => self.get(payload, sender).await,
+            Iq::Set { payload, .. } => self.set(payload, sender).await,
+            Iq::Result { .. } | Iq::Error { .. } => return None,
+        };
+        Some(match answer {
+            Ok(payload) => Iq::Result {
+                from: None,
+                to: None,
+                id,
+                payload,
+            },
+            Err(error) => Iq::from_error(id, error),
+        })
+    }
+
+    async fn get(&self, payload: Element, sender: &Sender) -> Answer {
         if payload.is("query", ns::DISCO_INFO) {
             let query = DiscoInfoQuery::try_from(payload)
                 .map_err(|e| bad_request(&format!("malformed disco#info query: {e}")))?;
@@ -134,28 +199,67 @@ impl Handler {
             return Ok(None);
         }
         if payload.is("query", ns::REGISTER) {
-            let settings = self.registrar.settings();
-            let instructions = format!(
-                "Enter your phone number in international format (+ and country code) to \
-                 register with {}. A verification code will be sent to it.",
-                settings.service_name
-            );
-            let form = forms::registration_form(
-                &instructions,
-                &self.registrar.challenges(),
-                settings.terms_url.as_deref(),
-            );
-            return Ok(Some(form.into()));
+            return match forms::parse_query(&payload).map_err(|e| bad_request(&e.0))? {
+                Query::PrivateKey { token } => self.retrieve_private_key(&token, sender).await,
+                Query::Form => self.registration_query(sender).await,
+            };
         }
         Err(unsupported())
     }
 
-    async fn set(&self, payload: Element, from: &Jid) -> Answer {
+    /// The registration form; for a registered account's own session, `<registered/>` and what
+    /// it can change (XEP-0077 3.2.1).
+    async fn registration_query(&self, sender: &Sender) -> Answer {
+        let settings = self.registrar.settings();
+        if sender.jid.as_ref().is_some_and(|j| j.node().is_some())
+            && let Ok((account, _)) = self.sender_account(sender).await
+        {
+            let instructions = format!(
+                "{} is registered with {}. You can replace its key (form {}), store your \
+                 passphrase-protected private key for another device (form {}), or remove the \
+                 account (<remove/>).",
+                account.jid(&settings.domain),
+                settings.service_name,
+                forms::KEY_FORM_TYPE,
+                forms::PRIVATE_KEY_FORM_TYPE,
+            );
+            return Ok(Some(forms::registered_query(&instructions)));
+        }
+        let instructions = format!(
+            "Enter your phone number in international format (+ and country code) to \
+             register with {}. A verification code will be sent to it.",
+            settings.service_name
+        );
+        let form = forms::registration_form(
+            &instructions,
+            &self.registrar.challenges(),
+            settings.terms_url.as_deref(),
+        );
+        Ok(Some(form.into()))
+    }
+
+    async fn retrieve_private_key(&self, token: &str, sender: &Sender) -> Answer {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        match self
+            .registrar
+            .retrieve_private_key(token, &sender.origin())
+            .await
+        {
+            Ok(k) => Ok(Some(forms::account_query(
+                &b64.encode(&k.private_key),
+                &b64.encode(&k.public_key),
+            ))),
+            Err(e) => Err(self.core_error(&e)),
+        }
+    }
+
+    async fn set(&self, payload: Element, sender: &Sender) -> Answer {
         if !payload.is("query", ns::REGISTER) {
             return Err(unsupported());
         }
         let submission =
             forms::parse_submission(payload).map_err(|e| bad_request(&e.to_string()))?;
+        let b64 = base64::engine::general_purpose::STANDARD;
         match submission {
             Submission::Start {
                 phone,
@@ -174,7 +278,7 @@ impl Handler {
                             accepted_terms: accept_terms,
                             fallback,
                             locale: None,
-                            origin: Origin::jid(from.to_bare().to_string()),
+                            origin: sender.origin(),
                         })
                         .await
                 }
@@ -186,20 +290,14 @@ impl Handler {
             }
             Submission::Code { code, public_key } => {
                 let code = Code::from_str(&code).map_err(|e| bad_request(&e.to_string()))?;
-                let Some(public_key) = public_key else {
-                    return Err(bad_request(
-                        "the publickey field is required: base64 of your binary OpenPGP public key",
-                    ));
-                };
-                let key =
-                    UserKey::parse(&public_key).map_err(|e| self.core_error(&Error::BadKey(e)))?;
-                let requester = from.to_bare().to_string();
-                match self.registrar.verify_by_key(&code, key, &requester).await {
+                let key = self.step2_key(sender, public_key.as_deref()).await?;
+                match self
+                    .registrar
+                    .verify_by_key(&code, key, &sender.origin())
+                    .await
+                {
                     Ok(r) => Ok(Some(
-                        forms::registered_form(
-                            base64::engine::general_purpose::STANDARD.encode(&r.public_key),
-                        )
-                        .into(),
+                        forms::registered_form(b64.encode(&r.public_key)).into(),
                     )),
                     Err(e) => Err(self.core_error(&e)),
                 }
@@ -208,7 +306,7 @@ impl Handler {
                 public_key,
                 revoked,
             } => {
-                let (account, _) = self.sender_account(from)?;
+                let (account, _) = self.sender_account(sender).await?;
                 let bad_key = |e| self.core_error(&Error::BadKey(e));
                 let key = UserKey::parse(&public_key).map_err(bad_key)?;
                 let revoked = revoked
@@ -217,16 +315,28 @@ impl Handler {
                     .map_err(bad_key)?;
                 match self.registrar.roll_over(&account, key, revoked).await {
                     Ok(r) => Ok(Some(
-                        forms::rolled_over_form(
-                            base64::engine::general_purpose::STANDARD.encode(&r.public_key),
-                        )
-                        .into(),
+                        forms::rolled_over_form(b64.encode(&r.public_key)).into(),
                     )),
                     Err(e) => Err(self.core_error(&e)),
                 }
             }
+            Submission::PrivateKey { private_key } => {
+                let (account, _) = self.sender_account(sender).await?;
+                let compact: String = private_key
+                    .chars()
+                    .filter(|c| !c.is_ascii_whitespace())
+                    .collect();
+                let bytes = b64
+                    .decode(compact.as_bytes())
+                    .map_err(|_| bad_request("the privatekey field must be base64"))?;
+                match self.registrar.upload_private_key(&account, bytes).await {
+                    Ok(t) => Ok(Some(forms::private_key_token_form(&t.token).into())),
+                    Err(e) => Err(self.core_error(&e)),
+                }
+            }
             Submission::Remove => {
-                let (account, bare) = self.sender_account(from)?;
+                let (account, _) = self.sender_account(sender).await?;
+                let bare = account.jid(&self.registrar.settings().domain);
                 match self
                     .registrar
                     .remove(&account, RemovalProof::Jid(bare))
@@ -236,6 +346,47 @@ impl Handler {
                     Err(e) => Err(self.core_error(&e)),
                 }
             }
+        }
+    }
+
+    /// The key of step 2: from the TLS client certificate and/or the `publickey` field.
+    async fn step2_key(
+        &self,
+        sender: &Sender,
+        public_key: Option<&str>,
+    ) -> Result<UserKey, StanzaError> {
+        let from_form = public_key
+            .map(UserKey::parse)
+            .transpose()
+            .map_err(|e| self.core_error(&Error::BadKey(e)))?;
+        let Some(certificate) = sender.certificate.clone() else {
+            return from_form.ok_or_else(|| {
+                bad_request(
+                    "the publickey field is required (base64 of your binary OpenPGP public \
+                     key), or present your bridge certificate over TLS",
+                )
+            });
+        };
+        let presented = tokio::task::spawn_blocking(move || {
+            login_cert::presented_key(&certificate)
+                .map_err(|e| e.code())
+                .and_then(|cert| UserKey::from_cert(cert).map_err(|_| "secret-material"))
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "certificate check task failed");
+            self.core_error(&Error::Internal)
+        })?;
+        let key = presented.map_err(|check| {
+            tracing::info!(check, "step 2 certificate refused");
+            bad_request(INVALID_PUBLIC_KEY)
+        })?;
+        match from_form {
+            Some(form) if form.fingerprint() != key.fingerprint() => {
+                tracing::info!("step 2 certificate and publickey field differ");
+                Err(bad_request(INVALID_PUBLIC_KEY))
+            }
+            _ => Ok(key),
         }
     }
 }
