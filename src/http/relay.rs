@@ -3,9 +3,9 @@
 //! what the caller says of the client (address, certificate, session). The stanza work is
 //! [`crate::xmpp::relay`]; every protocol outcome is a 200 with the stanza to send.
 
+use axum::Json;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 

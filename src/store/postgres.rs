@@ -12,8 +12,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use super::sql::{db, insert_events, migration_error};
 use super::{
     AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, EventKind,
-    EventRecord, KeyChange, KeyTransferRecord, Notice, RateBucket, Renewal, Requester, SentRecord, SpendRecord, Store,
-    StoreError, TryLimits, VerificationRecord,
+    EventRecord, KeyChange, KeyTransferRecord, Notice, RateBucket, Renewal, Requester, SentRecord,
+    SpendRecord, Store, StoreError, TryLimits, VerificationRecord,
 };
 use crate::registrar::abuse;
 

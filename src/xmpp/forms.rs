@@ -345,11 +345,7 @@ pub fn private_key_token_form(token: &str) -> FormQuery {
 /// The answer to a retrieval: the stored private key and the account's public key, both base64
 /// of binary OpenPGP, as Kontalk's Android client reads them.
 pub fn account_query(private_b64: &str, public_b64: &str) -> Element {
-    let text = |name: &str, value: &str| {
-        Element::builder(name, ACCOUNT_NS)
-            .append(value)
-            .build()
-    };
+    let text = |name: &str, value: &str| Element::builder(name, ACCOUNT_NS).append(value).build();
     Element::builder("query", ns::REGISTER)
         .append(
             Element::builder("account", ACCOUNT_NS)
@@ -540,8 +536,15 @@ mod tests {
         );
         let form = DataForm::try_from(q.get_child("x", ns::DATA_FORMS).unwrap().clone()).unwrap();
         assert_eq!(form.form_type(), Some(KEY_FORM_TYPE));
-        let vars: Vec<_> = form.fields.iter().filter_map(|f| f.var.as_deref()).collect();
-        assert!(vars.contains(&"publickey") && vars.contains(&"revoked"), "{vars:?}");
+        let vars: Vec<_> = form
+            .fields
+            .iter()
+            .filter_map(|f| f.var.as_deref())
+            .collect();
+        assert!(
+            vars.contains(&"publickey") && vars.contains(&"revoked"),
+            "{vars:?}"
+        );
     }
 
     #[test]

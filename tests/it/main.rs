@@ -14,3 +14,4 @@ mod providers;
 mod pumping;
 mod xmpp_e2e;
 mod xmpp_handler;
+mod xmpp_relay;
