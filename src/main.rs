@@ -136,9 +136,30 @@ enum ClientCommand {
     Register {
         /// The phone number, international (`+15555215554`).
         phone: String,
-        /// Base URL of the service.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        server: String,
+        /// Base URL of the service's HTTP API (default http://127.0.0.1:8080). With --xmpp, the
+        /// server key is fetched from it to check the certification, when given.
+        #[arg(long)]
+        server: Option<String>,
+        /// Register as Kontalk's clients do, over XMPP at HOST:PORT (an XMPP server with the
+        /// modules in prosody/), instead of the HTTP API.
+        #[arg(long, value_name = "HOST:PORT")]
+        xmpp: Option<String>,
+        /// The XMPP domain of the accounts (default: the host of --xmpp).
+        #[arg(long, requires = "xmpp")]
+        xmpp_domain: Option<String>,
+        /// PEM certificates to trust for the XMPP server's TLS certificate (default: the
+        /// system's roots).
+        #[arg(long, requires = "xmpp", value_name = "FILE")]
+        xmpp_ca: Option<PathBuf>,
+        /// Accept any TLS certificate from the XMPP server (development servers only).
+        #[arg(long, requires = "xmpp", conflicts_with = "xmpp_ca")]
+        xmpp_insecure: bool,
+        /// Also write a key pack (kontalk-keys.zip) as Kontalk's Android client exports it.
+        #[arg(long, value_name = "FILE", requires = "passphrase_file")]
+        keypack: Option<PathBuf>,
+        /// File whose first line is the key pack's passphrase.
+        #[arg(long, value_name = "FILE", requires = "keypack")]
+        passphrase_file: Option<PathBuf>,
         /// Replace an existing account (new device, new key).
         #[arg(long)]
         force: bool,
@@ -340,6 +361,12 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
         Command::Client(ClientCommand::Register {
             phone,
             server,
+            xmpp,
+            xmpp_domain,
+            xmpp_ca,
+            xmpp_insecure,
+            keypack,
+            passphrase_file,
             force,
             challenge,
             code,
@@ -349,6 +376,26 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             accept_terms,
         }) => {
             init_logging("warn");
+            let keypack = match (keypack, passphrase_file) {
+                (Some(path), Some(file)) => {
+                    let text = zeroize::Zeroizing::new(
+                        std::fs::read_to_string(&file)
+                            .with_context(|| format!("cannot read {}", file.display()))?,
+                    );
+                    let passphrase = text.lines().next().unwrap_or("").to_owned();
+                    if passphrase.is_empty() {
+                        anyhow::bail!(
+                            "{}: the first line (the passphrase) is empty",
+                            file.display()
+                        );
+                    }
+                    Some(client::KeypackOptions {
+                        path,
+                        passphrase: zeroize::Zeroizing::new(passphrase),
+                    })
+                }
+                _ => None,
+            };
             let r = client::register(&client::RegisterOptions {
                 phone,
                 server,
@@ -359,8 +406,21 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
                 rsa,
                 name,
                 accept_terms,
+                xmpp: xmpp.map(|address| client::xmpp::XmppOptions {
+                    address,
+                    domain: xmpp_domain,
+                    ca_file: xmpp_ca,
+                    insecure: xmpp_insecure,
+                }),
+                keypack,
             })
             .await?;
+            if let Some(bound) = &r.logged_in_as {
+                println!("logged in as {bound}");
+            }
+            if let Some(pack) = &r.keypack {
+                println!("key pack {}", pack.display());
+            }
             println!("registered {}", r.jid);
             println!("fingerprint {}", r.fingerprint);
             println!("certified key {}", r.public_binary.display());

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use kontalk_registrar::registrar::abuse::Cost;
 
+use crate::gpg::gpg_available;
 use crate::harness::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kontalk-registrar");
@@ -528,6 +529,12 @@ fn provider_test_sends_one_message_through_the_named_provider() {
 
 /// Runs `client register` against `url`, typing the code the development outbox receives.
 fn register_with_client(url: &str, outbox: &Path, out: &Path, force: bool) -> String {
+    let force: &[&str] = if force { &["--force"] } else { &[] };
+    register_with_client_args(url, outbox, out, force)
+}
+
+/// [`register_with_client`] with more arguments.
+fn register_with_client_args(url: &str, outbox: &Path, out: &Path, extra: &[&str]) -> String {
     let before = std::fs::read_to_string(outbox)
         .unwrap_or_default()
         .lines()
@@ -535,7 +542,7 @@ fn register_with_client(url: &str, outbox: &Path, out: &Path, force: bool) -> St
     let mut client = Command::new(BIN)
         .args(["client", "register", EMULATOR, "--server", url, "--out"])
         .arg(out)
-        .args(force.then_some("--force"))
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -669,4 +676,174 @@ fn the_client_writes_a_login_certificate_that_openssl_reads_and_login_cert_verif
     let (ok, said) = login_cert_verify(dir.path(), &["/nonexistent/cert.pem"], None);
     assert!(!ok);
     assert!(said.contains("cannot read"), "{said}");
+}
+
+/// Runs `program` with `args`; its exit status and its output (stdout then stderr).
+fn run(program: &str, args: &[&str], dir: &Path) -> (bool, String) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn the_client_writes_a_key_pack_that_gnupg_openssl_and_the_login_check_read() {
+    if !gpg_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, url) = serve(dir.path(), &[]);
+    let outbox = dir.path().join("data/outbox.jsonl");
+    let out = dir.path().join("keys");
+    let pack = dir.path().join("kontalk-keys.zip");
+    let passphrase = dir.path().join("passphrase");
+    std::fs::write(&passphrase, "correct horse battery staple\n").unwrap();
+    let stdout = register_with_client_args(
+        &url,
+        &outbox,
+        &out,
+        &[
+            "--keypack",
+            pack.to_str().unwrap(),
+            "--passphrase-file",
+            passphrase.to_str().unwrap(),
+            "--rsa",
+        ],
+    );
+    assert!(
+        stdout.contains(&format!("key pack {}", pack.display())),
+        "{stdout}"
+    );
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&pack).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the key pack holds a private key");
+
+    // Unzipped by Python's zipfile, not by the crate that wrote it.
+    let unpacked = dir.path().join("unpacked");
+    let (ok, said) = run(
+        "python3",
+        &[
+            "-m",
+            "zipfile",
+            "-e",
+            pack.to_str().unwrap(),
+            unpacked.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert!(ok, "{said}");
+    let mut names: Vec<String> = std::fs::read_dir(&unpacked)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut expected = kontalk_registrar::client::keypack::ENTRIES
+        .map(str::to_owned)
+        .to_vec();
+    expected.sort();
+    assert_eq!(names, expected);
+    assert_eq!(
+        std::fs::read_to_string(unpacked.join("account-info.properties")).unwrap(),
+        format!("phoneNumber={EMULATOR}\n")
+    );
+
+    // GnuPG imports both keys; the secret key opens with the passphrase only.
+    let home = tempfile::tempdir().unwrap();
+    let gpg_with = |pass: &str, args: &[&str]| {
+        let out = Command::new("gpg")
+            .arg("--homedir")
+            .arg(home.path())
+            .args([
+                "--batch",
+                "--no-tty",
+                "--pinentry-mode",
+                "loopback",
+                "--passphrase",
+                pass,
+            ])
+            .args(args)
+            .current_dir(&unpacked)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, said) = gpg_with("", &["--import", "kontalk-public.asc"]);
+    assert!(ok, "{said}");
+    let (ok, said) = gpg_with("", &["--import", "kontalk-private.asc"]);
+    assert!(ok, "{said}");
+    assert!(said.contains("secret keys imported: 1"), "{said}");
+    let message = unpacked.join("message");
+    std::fs::write(&message, "hello").unwrap();
+    let (ok, _) = gpg_with("wrong", &["--yes", "--detach-sign", "message"]);
+    assert!(!ok, "a wrong passphrase must not open the secret key");
+    let (ok, said) = gpg_with(
+        "correct horse battery staple",
+        &["--yes", "--detach-sign", "message"],
+    );
+    assert!(ok, "{said}");
+    let (ok, said) = gpg_with("", &["--verify", "message.sig", "message"]);
+    assert!(ok && said.contains("Good signature"), "{said}");
+
+    // OpenSSL reads the PKCS#12 with the passphrase; its key is the login key.
+    let pass_arg = format!("file:{}", passphrase.display());
+    let (ok, _) = run(
+        "openssl",
+        &[
+            "pkcs12",
+            "-in",
+            "kontalk-login.p12",
+            "-passin",
+            "pass:wrong",
+            "-nokeys",
+        ],
+        &unpacked,
+    );
+    assert!(!ok, "a wrong passphrase must not open the PKCS#12");
+    let (ok, said) = run(
+        "openssl",
+        &[
+            "pkcs12",
+            "-in",
+            "kontalk-login.p12",
+            "-passin",
+            &pass_arg,
+            "-nodes",
+            "-out",
+            "p12.pem",
+        ],
+        &unpacked,
+    );
+    assert!(ok, "{said}");
+    let (_, from_p12) = run("openssl", &["pkey", "-in", "p12.pem", "-pubout"], &unpacked);
+    let (_, from_key) = run(
+        "openssl",
+        &["pkey", "-in", "kontalk-login.key", "-pubout"],
+        &unpacked,
+    );
+    assert!(from_key.contains("BEGIN PUBLIC KEY"), "{from_key}");
+    assert_eq!(from_p12, from_key);
+
+    // The pack's certificate, in Kontalk's own layout, passes the login check.
+    let (ok, said) = login_cert_verify(
+        dir.path(),
+        &[unpacked.join("kontalk-login.crt").to_str().unwrap()],
+        None,
+    );
+    assert!(ok, "{said}");
+    assert!(
+        said.contains(&format!("accepted {EMULATOR_ACCOUNT}@localhost")),
+        "{said}"
+    );
 }
