@@ -375,15 +375,19 @@ pub enum RolloverError {
     NotRevoked,
 }
 
-/// Checks that `new` may replace `old` for `email`: another, newer key, one of whose User IDs
-/// naming `email` is certified by `old`'s primary key (so only the holder of the old key can
-/// replace it). `revoked`, when sent, must be `old` with a valid self-revocation. The caller
-/// checks `new` itself with [`check_user_key`] first.
+/// Checks that `new` may replace `old` for `email`: another, newer key, and a proof that the
+/// holder of the old key asks. The proof is a certification of one of `new`'s User IDs naming
+/// `email` by `old`'s primary key; or, when the request comes from a session that logged in with
+/// `old` (`old_key_session`: TLS proved the key), `old` with a valid self-revocation in `revoked`,
+/// which is what Kontalk's Android client sends (its new key carries no certification by the old
+/// one). `revoked`, when sent, must be `old` validly revoked either way. The caller checks `new`
+/// itself with [`check_user_key`] first.
 pub fn check_rollover(
     new: &UserKey,
     old: &Cert,
     email: &str,
     revoked: Option<&UserKey>,
+    old_key_session: bool,
     now: SystemTime,
 ) -> Result<(), RolloverError> {
     let policy = StandardPolicy::new();
@@ -403,11 +407,16 @@ pub fn check_rollover(
             .clone()
             .merge_public(revoked.0.clone())
             .map_err(|_| RolloverError::RevokedIsNotCurrent)?;
+        // Judged with the allowance for phone clocks that run fast, as key creation is: a
+        // revocation made "in the future" by such a clock still revokes.
         if !matches!(
-            merged.revocation_status(&policy, now),
+            merged.revocation_status(&policy, now + CLOCK_SKEW),
             RevocationStatus::Revoked(_)
         ) {
             return Err(RolloverError::NotRevoked);
+        }
+        if old_key_session {
+            return Ok(());
         }
     }
     let signer = old.primary_key().key();
@@ -914,18 +923,32 @@ mod tests {
         let new = key_at(EMAIL, t0 + Duration::from_secs(60));
         let signed = cross_certify(&old, &new, EMAIL, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&signed), &old, EMAIL, None, now),
+            check_rollover(&public(&signed), &old, EMAIL, None, false, now),
             Ok(())
         );
 
         // With the old key's revocation; a revocation must be the old key's and be one.
         let revoked = revoke_superseded(&old).unwrap();
         assert_eq!(
-            check_rollover(&public(&signed), &old, EMAIL, Some(&public(&revoked)), now),
+            check_rollover(
+                &public(&signed),
+                &old,
+                EMAIL,
+                Some(&public(&revoked)),
+                false,
+                now
+            ),
             Ok(())
         );
         assert_eq!(
-            check_rollover(&public(&signed), &old, EMAIL, Some(&public(&old)), now),
+            check_rollover(
+                &public(&signed),
+                &old,
+                EMAIL,
+                Some(&public(&old)),
+                false,
+                now
+            ),
             Err(RolloverError::NotRevoked)
         );
         let stranger = key_at(EMAIL, t0);
@@ -935,6 +958,7 @@ mod tests {
                 &old,
                 EMAIL,
                 Some(&public(&revoke_superseded(&stranger).unwrap())),
+                false,
                 now
             ),
             Err(RolloverError::RevokedIsNotCurrent)
@@ -943,12 +967,12 @@ mod tests {
         // Not certified, certified by another key, or on another User ID.
         let refused = Err(RolloverError::NotSignedByOldKey(EMAIL.into()));
         assert_eq!(
-            check_rollover(&public(&new), &old, EMAIL, None, now),
+            check_rollover(&public(&new), &old, EMAIL, None, false, now),
             refused
         );
         let by_stranger = cross_certify(&stranger, &new, EMAIL, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&by_stranger), &old, EMAIL, None, now),
+            check_rollover(&public(&by_stranger), &old, EMAIL, None, false, now),
             refused
         );
         let other = "other@localhost";
@@ -960,20 +984,53 @@ mod tests {
             .0;
         let wrong_uid = cross_certify(&old, &two, other, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&wrong_uid), &old, EMAIL, None, now),
+            check_rollover(&public(&wrong_uid), &old, EMAIL, None, false, now),
             refused
         );
 
         // The same key, or one not newer.
         let same = cross_certify(&old, &old, EMAIL, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&same), &old, EMAIL, None, now),
+            check_rollover(&public(&same), &old, EMAIL, None, false, now),
             Err(RolloverError::SameKey)
         );
         let as_old = cross_certify(&old, &key_at(EMAIL, t0), EMAIL, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&as_old), &old, EMAIL, None, now),
+            check_rollover(&public(&as_old), &old, EMAIL, None, false, now),
             Err(RolloverError::NotNewer)
+        );
+        // From a session that logged in with the old key, the old key's revocation is proof
+        // enough, as Kontalk's Android client sends it (its new key carries no certification by
+        // the old one); without the revocation it is not, nor from any other requester.
+        assert_eq!(
+            check_rollover(
+                &public(&new),
+                &old,
+                EMAIL,
+                Some(&public(&revoked)),
+                true,
+                now
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check_rollover(&public(&new), &old, EMAIL, None, true, now),
+            refused
+        );
+        assert_eq!(
+            check_rollover(
+                &public(&new),
+                &old,
+                EMAIL,
+                Some(&public(&revoked)),
+                false,
+                now
+            ),
+            refused
+        );
+        assert_eq!(
+            check_rollover(&public(&new), &old, EMAIL, Some(&public(&old)), true, now),
+            Err(RolloverError::NotRevoked)
         );
     }
 

@@ -538,7 +538,7 @@ async fn roll_over(
     let result = async {
         let key = UserKey::parse(&body.public_key)?;
         let revoked = body.revoked.as_deref().map(UserKey::parse).transpose()?;
-        s.registrar.roll_over(&account, key, revoked).await
+        s.registrar.roll_over(&account, key, revoked, None).await
     }
     .await;
     match result {

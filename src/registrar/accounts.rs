@@ -166,12 +166,16 @@ impl Registrar {
 
     /// Replaces `account`'s key with `key`, certified by the current key (see
     /// [`openpgp::check_rollover`]); `revoked` is the old key with its revocation, when the client
-    /// sends it. No message is sent: the old key is the proof.
+    /// sends it. No message is sent: the old key is the proof. `login_fingerprint` is the key
+    /// the requesting XMPP session logged in with, when the transport knows it: a session of the
+    /// current key may prove the rollover with the current key's revocation alone, as Kontalk's
+    /// Android client does.
     pub async fn roll_over(
         &self,
         account: &AccountId,
         key: UserKey,
         revoked: Option<UserKey>,
+        login_fingerprint: Option<&str>,
     ) -> Result<Registered, Error> {
         let record = self
             .store
@@ -186,11 +190,20 @@ impl Registrar {
             Error::Internal
         })?;
         let server = self.server_key.clone();
+        let old_key_session =
+            login_fingerprint.is_some_and(|f| f.eq_ignore_ascii_case(&record.fingerprint));
         let certified = {
             let email = email.clone();
             tokio::task::spawn_blocking(move || -> Result<_, Error> {
                 openpgp::check_user_key(&key, &email, when)?;
-                openpgp::check_rollover(&key, &old, &email, revoked.as_ref(), when)?;
+                openpgp::check_rollover(
+                    &key,
+                    &old,
+                    &email,
+                    revoked.as_ref(),
+                    old_key_session,
+                    when,
+                )?;
                 server.certify(&key, &email, when).map_err(|e| {
                     tracing::error!(error = %e, "certification failed");
                     Error::Internal

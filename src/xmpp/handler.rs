@@ -313,7 +313,11 @@ impl Handler {
                     .map(|r| UserKey::parse(&r))
                     .transpose()
                     .map_err(bad_key)?;
-                match self.registrar.roll_over(&account, key, revoked).await {
+                match self
+                    .registrar
+                    .roll_over(&account, key, revoked, sender.login_fingerprint.as_deref())
+                    .await
+                {
                     Ok(r) => Ok(Some(
                         forms::rolled_over_form(b64.encode(&r.public_key)).into(),
                     )),

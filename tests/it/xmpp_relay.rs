@@ -681,3 +681,60 @@ async fn the_relay_is_for_the_xmpp_server_only_and_refuses_misuse() {
     assert_eq!(r.status, 200);
     assert_eq!(r.body["stanza"], Value::Null);
 }
+
+#[tokio::test]
+async fn an_android_rollover_is_proved_by_the_session_and_the_revocation() {
+    // Kontalk's Android client rolls over with a new key the old one did not certify, sending
+    // the old key with its revocation, from the session that logged in with the old key.
+    let s = TestServer::start().await;
+    // (Ed25519 keys here for speed; the proof does not depend on the algorithm.)
+    let (key, _) = key_and_certificate(&jid(), false);
+    let certified = register(&s, "192.0.2.6", EMULATOR, &key, false).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let new = openpgp::generate_user_key("Kontalk user", &jid(), false).unwrap();
+    let revoked = openpgp::revoke_superseded(&certified).unwrap();
+    let rollover = iq(
+        "set",
+        "k2",
+        &form(
+            "http://kontalk.org/protocol/register#key",
+            &[
+                ("publickey", &b64(&public(&new))),
+                ("revoked", &b64(&public(&revoked))),
+            ],
+        ),
+    );
+    // Without the session's proof (as the component sees it: no login key), it is refused.
+    let anonymous = Client {
+        jid: Some(format!("{}/phone", jid())),
+        ..Client::at("192.0.2.6")
+    };
+    let refused = relay(&s, &anonymous, &rollover).await;
+    assert_eq!(refused.error(), "modify/bad-request", "{}", refused.xml);
+    assert!(
+        refused.text().contains("certification"),
+        "{}",
+        refused.text()
+    );
+    // Without the revocation, the session alone is not enough either.
+    let session = Client::at("192.0.2.6").session(&jid(), &certified.fingerprint().to_hex());
+    let bare = iq(
+        "set",
+        "k3",
+        &form(
+            "http://kontalk.org/protocol/register#key",
+            &[("publickey", &b64(&public(&new)))],
+        ),
+    );
+    assert_eq!(
+        relay(&s, &session, &bare).await.error(),
+        "modify/bad-request"
+    );
+    let rolled = relay(&s, &session, &rollover).await;
+    assert_eq!(rolled.kind(), "result", "{}", rolled.xml);
+    let public_key = Cert::from_bytes(&unb64(&rolled.field("publickey").unwrap())).unwrap();
+    assert_eq!(public_key.fingerprint(), new.fingerprint());
+    let login = bridge(&new.clone().merge_public(public_key).unwrap(), &jid());
+    let checked = s.post_raw("/v1/login-certificates/verify", login).await;
+    assert_eq!(checked.status, 200, "{:?}", checked.body);
+}
