@@ -10,6 +10,7 @@ mod harness;
 mod http_accounts;
 mod http_api;
 mod instances;
+mod prosody_e2e;
 mod providers;
 mod pumping;
 mod xmpp_e2e;

@@ -18,7 +18,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_kontalk-registrar");
 const SECRET: &str = "e2e-component-secret";
 
 /// The tools, or `None` (skip) outside CI.
-fn tools() -> Option<(PathBuf, PathBuf)> {
+pub(crate) fn tools() -> Option<(PathBuf, PathBuf)> {
     let prosody = which("prosody");
     let python = std::env::var_os("KONTALK_E2E_PYTHON")
         .map(PathBuf::from)

@@ -1,0 +1,125 @@
+-- mod_kontalk_events: ends the sessions of a key that stopped working, on kontalk-registrar's
+-- events (key-replaced, key-rolled-over, account-removed; see LINK.md section 3).
+--
+-- Every session of the event's JID that logged in (mod_auth_kontalk) with old_fingerprint is
+-- closed with a not-authorized stream error; for account-removed every session of the JID, and
+-- mod_auth_kontalk forgets the account. Events come at least once: ids already seen are dropped
+-- (the last kontalk_events_memory ids are remembered).
+--
+-- Two ways in, use either or both:
+-- * webhook: POST on Prosody's HTTP server (mod_http) at kontalk_events_path, signed with
+--   "X-Registrar-Signature: sha256=<hex HMAC-SHA256 of the body>". Answers 204 once acted, 401
+--   for a missing or wrong signature, 400 for a body it cannot read. Disabled unless
+--   kontalk_events_secret is set. mod_http routes by the Host header: a registrar calling
+--   http://127.0.0.1:5280/... needs http_default_host = "<this host>" in the global section.
+-- * message: <message from='<kontalk_events_from>' to='<host>'><event
+--   xmlns='urn:kontalk-registrar:events' id type account jid old-fingerprint new-fingerprint
+--   at/></message>, accepted only from that JID (the registrar's Component).
+--
+-- Options (per host):
+--   kontalk_events_secret  HMAC secret of the webhook (registrar events.webhook_secret); no default
+--   kontalk_events_path    path of the webhook (default "/kontalk_events"; http_paths also works)
+--   kontalk_events_from    JID of the registrar's component allowed to send event messages
+--   kontalk_events_memory  how many event ids to remember (default 1000)
+
+local json = require "util.json";
+local hashes = require "util.hashes";
+local cache = require "util.cache";
+local jid_split = require "util.jid".prepped_split;
+local jid_bare = require "util.jid".bare;
+local jid_prep = require "util.jid".prep;
+local nodeprep = require "util.encodings".stringprep.nodeprep;
+
+local registrar = module:require("kontalk_registrar");
+
+local secret = module:get_option_string("kontalk_events_secret");
+local events_path = module:get_option_string("kontalk_events_path", "/kontalk_events");
+local events_from = jid_prep(module:get_option_string("kontalk_events_from"));
+local seen = cache.new(module:get_option_number("kontalk_events_memory", 1000));
+
+local xmlns_events = "urn:kontalk-registrar:events";
+local host_sessions = prosody.hosts[module.host].sessions;
+
+local reasons = {
+	["key-replaced"] = { condition = "not-authorized", text = "Your key was replaced" };
+	["key-rolled-over"] = { condition = "not-authorized", text = "Your key was rolled over" };
+	["account-removed"] = { condition = "not-authorized", text = "Your account was removed" };
+};
+
+-- Returns the number of sessions closed.
+local function handle_event(ev)
+	local reason = reasons[ev.type];
+	if type(ev.id) ~= "string" or not reason then
+		module:log("debug", "Ignoring event of type %s", tostring(ev.type));
+		return 0;
+	end
+	if seen:get(ev.id) then
+		module:log("debug", "Dropping duplicate event %s", ev.id);
+		return 0;
+	end
+	seen:set(ev.id, true);
+
+	local node, host = jid_split(type(ev.jid) == "string" and ev.jid or "");
+	if not node and type(ev.account) == "string" then node, host = nodeprep(ev.account), module.host; end
+	if not node or host ~= module.host then
+		module:log("debug", "Event %s is not for an account of %s", ev.id, module.host);
+		return 0;
+	end
+
+	local all = ev.type == "account-removed";
+	local old = registrar.normalize_fingerprint(ev.old_fingerprint);
+	local doomed = {};
+	local user = host_sessions[node];
+	for _, session in pairs(user and user.sessions or {}) do
+		if all or (old and registrar.normalize_fingerprint(session.kontalk_fingerprint) == old) then
+			doomed[#doomed + 1] = session;
+		end
+	end
+	for _, session in ipairs(doomed) do
+		session:close(reason);
+	end
+	if all then module:fire_event("kontalk-account-removed", { username = node }); end
+	module:log("info", "Event %s (%s): closed %d session(s) of %s", ev.id, ev.type, #doomed, node);
+	return #doomed;
+end
+
+if secret then
+	module:depends("http");
+	module:provides("http", {
+		name = "kontalk_events";
+		default_path = events_path;
+		route = {
+			POST = function (event)
+				local request = event.request;
+				local body = request.body or "";
+				local signature = request.headers.x_registrar_signature;
+				local expected = "sha256=" .. hashes.hmac_sha256(secret, body, true);
+				if type(signature) ~= "string" or not hashes.equals(signature:lower(), expected) then
+					module:log("warn", "Webhook call with a missing or wrong signature from %s", tostring(request.ip));
+					return 401;
+				end
+				local ev = json.decode(body);
+				if type(ev) ~= "table" then return 400; end
+				handle_event(ev);
+				return 204;
+			end;
+		};
+	});
+else
+	module:log("info", "kontalk_events_secret is not set: the events webhook is disabled");
+end
+
+module:hook("message/host", function (event)
+	local stanza = event.stanza;
+	local ev = stanza:get_child("event", xmlns_events);
+	if not ev then return; end
+	if not events_from or jid_bare(stanza.attr.from) ~= events_from then
+		module:log("warn", "Dropping an event message from %s (kontalk_events_from is %s)",
+			tostring(stanza.attr.from), tostring(events_from));
+		return true;
+	end
+	local a = ev.attr;
+	handle_event({ id = a.id, type = a.type, account = a.account, jid = a.jid,
+		old_fingerprint = a["old-fingerprint"], new_fingerprint = a["new-fingerprint"], at = a.at });
+	return true;
+end, 10);
