@@ -264,6 +264,12 @@ impl Kontalk {
         let login = steps.ok("login");
         assert_eq!(login["jid_matches"], true, "{login:#}");
         assert_eq!(login["sasl_initial_response"], "=");
+        // Only EXTERNAL, or Kontalk's client (Smack 4.3) would pick a password mechanism.
+        assert_eq!(
+            login["mechanisms"],
+            serde_json::json!(["EXTERNAL"]),
+            "{login:#}"
+        );
         steps
     }
 }
@@ -283,7 +289,14 @@ async fn kontalk_clients_register_log_in_and_chat_through_prosody() {
     let steps = k.register(&a, "+15555215554", "ed25519", &[]).await;
     // Step 1 before login on a TLS stream without certificate; step 2 with the bridge
     // certificate of the uncertified key (which OpenSSL refuses to load the usual way).
-    assert_eq!(steps.ok("instructions")["register_feature"], true);
+    let instructions = steps.ok("instructions");
+    assert_eq!(instructions["register_feature"], true);
+    // A stream without a client certificate is offered no SASL mechanism at all.
+    assert_eq!(
+        instructions["mechanisms"],
+        serde_json::json!([]),
+        "{instructions:#}"
+    );
     assert_eq!(steps.ok("request")["sender"], "12345");
     let code = steps.ok("code");
     assert_eq!(code["tls"]["client_certificate"], true);

@@ -57,7 +57,6 @@ Examples (the registrar's development provider writes the codes to outbox.jsonl)
   kontalk_client.py chat --home /tmp/a --to-home /tmp/b
   kontalk_client.py cert --home /tmp/a --variant mismatch --out /tmp/m.crt.pem
   kontalk_client.py login --home /tmp/a --cert /tmp/m.crt.pem --key /tmp/m.crt.key.pem
-Self-tests without the Kontalk server side: kontalk_selftest.py.
 """
 
 import argparse
@@ -617,6 +616,7 @@ def step_instructions(opts):
     s = with_stream(opts)
     try:
         feature = s.register_feature()
+        mechanisms = s.mechanisms()
         if not feature and not opts.ignore_register_feature:
             out = {"step": "instructions", "ok": False, "register_feature": False, "tls": s.tls,
                    "error": {"condition": "no-register-feature", "type": None,
@@ -628,7 +628,8 @@ def step_instructions(opts):
         s.close()
     fields = a.get("fields", {})
     terms = fields.get("terms") if "accept-terms" in fields else None
-    return outcome("instructions", a, register_feature=feature, terms=terms, tls=s.tls)
+    return outcome("instructions", a, register_feature=feature, terms=terms, tls=s.tls,
+                   mechanisms=mechanisms)
 
 
 def step_request(opts, phone, force=False, challenge="pin", fallback=False, accept_terms=False):
@@ -746,12 +747,13 @@ def login(opts, home, fpr=None, certfile=None, keyfile=None, resource=None):
     if certfile is None:
         certfile, keyfile = home.cert(fpr)
     s = with_stream(opts, certfile, keyfile)
+    mechanisms = s.mechanisms()  # as offered before authentication
     mech = getattr(opts, "sasl", "EXTERNAL")
     if mech == "EXTERNAL":
         err = s.sasl_external("=")
     else:
         err = s.sasl_plain_or_anonymous(mech, getattr(opts, "sasl_user", None), getattr(opts, "sasl_password", None))
-    out = {"step": "login", "tls": s.tls, "mechanisms": s.mechanisms() if err else None,
+    out = {"step": "login", "tls": s.tls, "mechanisms": mechanisms,
            "sasl_initial_response": s.sasl_initial_response}
     if err:
         s.close()
