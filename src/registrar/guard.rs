@@ -162,15 +162,9 @@ impl Registrar {
             });
             scopes.push(scope);
         }
-        let now = self.clock.now();
-        match self
-            .store
-            .take_rates(&buckets, now.timestamp_millis())
-            .await
-        {
-            Ok(None) => Ok(()),
-            Ok(Some((i, retry_ms))) => {
-                let scope = scopes[i];
+        match self.take_buckets(&buckets, &scopes, "rate limits").await? {
+            None => Ok(()),
+            Some((scope, retry_at)) => {
                 tracing::info!(
                     action = action.as_str(),
                     limit = scope.as_str(),
@@ -179,12 +173,31 @@ impl Registrar {
                     "rate limited"
                 );
                 Err(Error::RateLimited {
-                    retry_at: DateTime::<Utc>::from_timestamp_millis(retry_ms)
-                        .unwrap_or(now + chrono::Duration::seconds(1)),
+                    retry_at,
                     limit: Limit::Rate(scope),
                 })
             }
-            Err(e) => self.limits_failed(e, "rate limits"),
+        }
+    }
+
+    /// Takes one event from every bucket at once (`scopes[i]` names `buckets[i]`): `None` when
+    /// all had one, else the scope that refused and when it will have one again. When the store
+    /// cannot count, fails closed or open as configured (`what` names the limits in the log).
+    pub(super) async fn take_buckets(
+        &self,
+        buckets: &[RateBucket],
+        scopes: &[Scope],
+        what: &str,
+    ) -> Result<Option<(Scope, DateTime<Utc>)>, Error> {
+        let now = self.clock.now();
+        match self.store.take_rates(buckets, now.timestamp_millis()).await {
+            Ok(None) => Ok(None),
+            Ok(Some((i, retry_ms))) => Ok(Some((
+                scopes[i],
+                DateTime::<Utc>::from_timestamp_millis(retry_ms)
+                    .unwrap_or(now + chrono::Duration::seconds(1)),
+            ))),
+            Err(e) => self.limits_failed(e, what).map(|()| None),
         }
     }
 

@@ -166,22 +166,18 @@ impl Registrar {
             });
             scopes.push(scope);
         }
-        let now = self.clock.now();
         match self
-            .store
-            .take_rates(&buckets, now.timestamp_millis())
-            .await
+            .take_buckets(&buckets, &scopes, "key retrieval limits")
+            .await?
         {
-            Ok(None) => Ok(()),
-            Ok(Some((i, retry_ms))) => {
-                tracing::info!(limit = scopes[i].as_str(), "key retrieval rate limited");
+            None => Ok(()),
+            Some((scope, retry_at)) => {
+                tracing::info!(limit = scope.as_str(), "key retrieval rate limited");
                 Err(Error::RateLimited {
-                    retry_at: chrono::DateTime::from_timestamp_millis(retry_ms)
-                        .unwrap_or(now + chrono::Duration::seconds(1)),
-                    limit: Limit::Rate(scopes[i]),
+                    retry_at,
+                    limit: Limit::Rate(scope),
                 })
             }
-            Err(e) => self.limits_failed(e, "key retrieval limits"),
         }
     }
 }

@@ -758,42 +758,24 @@ fn the_client_writes_a_key_pack_that_gnupg_openssl_and_the_login_check_read() {
 
     // GnuPG imports both keys; the secret key opens with the passphrase only.
     let home = tempfile::tempdir().unwrap();
-    let gpg_with = |pass: &str, args: &[&str]| {
-        let out = Command::new("gpg")
-            .arg("--homedir")
-            .arg(home.path())
-            .args([
-                "--batch",
-                "--no-tty",
-                "--pinentry-mode",
-                "loopback",
-                "--passphrase",
-                pass,
-            ])
-            .args(args)
-            .current_dir(&unpacked)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (ok, said) = gpg_with("", &["--import", "kontalk-public.asc"]);
+    let file = |name: &str| unpacked.join(name).to_str().unwrap().to_owned();
+    let (public_asc, private_asc) = (file("kontalk-public.asc"), file("kontalk-private.asc"));
+    let (message, signature) = (file("message"), file("message.sig"));
+    let gpg_with = |pass: &str, args: &[&str]| crate::gpg::gpg_with(home.path(), pass, args);
+    let (ok, _, said) = gpg_with("", &["--import", &public_asc]);
     assert!(ok, "{said}");
-    let (ok, said) = gpg_with("", &["--import", "kontalk-private.asc"]);
+    let (ok, _, said) = gpg_with("", &["--import", &private_asc]);
     assert!(ok, "{said}");
     assert!(said.contains("secret keys imported: 1"), "{said}");
-    let message = unpacked.join("message");
     std::fs::write(&message, "hello").unwrap();
-    let (ok, _) = gpg_with("wrong", &["--yes", "--detach-sign", "message"]);
+    let (ok, _, _) = gpg_with("wrong", &["--yes", "--detach-sign", &message]);
     assert!(!ok, "a wrong passphrase must not open the secret key");
-    let (ok, said) = gpg_with(
+    let (ok, _, said) = gpg_with(
         "correct horse battery staple",
-        &["--yes", "--detach-sign", "message"],
+        &["--yes", "--detach-sign", &message],
     );
     assert!(ok, "{said}");
-    let (ok, said) = gpg_with("", &["--verify", "message.sig", "message"]);
+    let (ok, _, said) = gpg_with("", &["--verify", &signature, &message]);
     assert!(ok && said.contains("Good signature"), "{said}");
 
     // OpenSSL reads the PKCS#12 with the passphrase; its key is the login key.

@@ -23,26 +23,27 @@ pub(crate) fn gpg_available() -> bool {
 }
 
 pub(crate) fn gpg(home: &Path, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = gpg_with(home, "", args);
+    assert!(ok, "gpg {args:?} failed: {stderr}");
+    stdout
+}
+
+/// gpg in batch mode with `passphrase` for secret keys: whether it succeeded, its stdout and its
+/// stderr.
+pub(crate) fn gpg_with(home: &Path, passphrase: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new("gpg")
         .arg("--homedir")
         .arg(home)
-        .args([
-            "--batch",
-            "--no-tty",
-            "--pinentry-mode",
-            "loopback",
-            "--passphrase",
-            "",
-        ])
+        .args(["--batch", "--no-tty", "--pinentry-mode", "loopback"])
+        .args(["--passphrase", passphrase])
         .args(args)
         .output()
         .expect("gpg runs");
-    assert!(
+    (
         out.status.success(),
-        "gpg {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn gpg_bytes(home: &Path, args: &[&str]) -> Vec<u8> {

@@ -252,6 +252,27 @@ impl Kontalk {
         )
     }
 
+    /// A variant of `home`'s bridge certificate (`kontalk_client.py cert --variant`, for the
+    /// refusals): the certificate file and its key file.
+    async fn variant(&self, home: &str, variant: &str) -> (String, String) {
+        let crt = self.home(&format!("{variant}.crt.pem"));
+        let key = self.home(&format!("{variant}.key.pem"));
+        self.kc(&[
+            "cert",
+            "--home",
+            home,
+            "--variant",
+            variant,
+            "--out",
+            &crt,
+            "--key-out",
+            &key,
+        ])
+        .await
+        .ok("cert");
+        (crt, key)
+    }
+
     /// Registers `phone` as the Android client does and logs in with the certified key.
     async fn register(&self, home: &str, phone: &str, key: &str, extra: &[&str]) -> Steps {
         let outbox = self.outbox.to_str().unwrap().to_owned();
@@ -516,21 +537,7 @@ async fn refusals_end_to_end_and_the_service_stopped() {
         .await;
     assert_eq!(wrong.refused("code"), "bad-request");
     // A certificate whose key differs from the key in its extension.
-    let mismatch = k.dir.path().join("mismatch.crt.pem");
-    let mismatch_key = k.dir.path().join("mismatch.key.pem");
-    k.kc(&[
-        "cert",
-        "--home",
-        &a,
-        "--variant",
-        "mismatch",
-        "--out",
-        mismatch.to_str().unwrap(),
-        "--key-out",
-        mismatch_key.to_str().unwrap(),
-    ])
-    .await
-    .ok("cert");
+    let (mismatch, mismatch_key) = k.variant(&a, "mismatch").await;
     let step2 = "<iq type='set'><query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' \
                  type='submit'><field var='FORM_TYPE' type='hidden'><value>\
                  http://kontalk.org/protocol/register#code</value></field><field var='code'>\
@@ -542,9 +549,9 @@ async fn refusals_end_to_end_and_the_service_stopped() {
             step2,
             "--with-cert",
             "--cert",
-            mismatch.to_str().unwrap(),
+            &mismatch,
             "--key",
-            mismatch_key.to_str().unwrap(),
+            &mismatch_key,
         ])
         .await;
     let answer = invalid.get("raw");
@@ -578,30 +585,16 @@ async fn refusals_end_to_end_and_the_service_stopped() {
     // Past the first verification's resend wait, the number registers with a new key.
     k.server().clock.advance(Duration::from_secs(120));
     k.register(&a, phone, "ed25519", &["--new-key"]).await;
-    let elsewhere = k.dir.path().join("elsewhere.crt.pem");
-    let elsewhere_key = k.dir.path().join("elsewhere.key.pem");
-    k.kc(&[
-        "cert",
-        "--home",
-        &a,
-        "--variant",
-        "other-domain",
-        "--out",
-        elsewhere.to_str().unwrap(),
-        "--key-out",
-        elsewhere_key.to_str().unwrap(),
-    ])
-    .await
-    .ok("cert");
+    let (elsewhere, elsewhere_key) = k.variant(&a, "other-domain").await;
     let foreign = k
         .kc(&[
             "login",
             "--home",
             &a,
             "--cert",
-            elsewhere.to_str().unwrap(),
+            &elsewhere,
             "--key",
-            elsewhere_key.to_str().unwrap(),
+            &elsewhere_key,
         ])
         .await;
     assert_eq!(foreign.refused("login"), "not-authorized");
