@@ -65,7 +65,11 @@ local refusals = {
 function handler:process(authzid)
 	local session = self.session;
 	if authzid == nil then
-		return "challenge", ""; -- no initial response: ask for one (RFC 6120 6.4.2)
+		if not self.challenged then
+			self.challenged = true;
+			return "challenge", ""; -- no initial response: ask for one (RFC 6120 6.4.2)
+		end
+		authzid = ""; -- an empty response to that challenge
 	end
 	local cert = registrar.peer_certificate(session);
 	if not cert then
@@ -93,8 +97,14 @@ function handler:process(authzid)
 		return "failure", "invalid-authzid", "The authorization identity must be your JID or empty";
 	end
 
+	if type(data.fingerprint) ~= "string" or data.fingerprint == "" then
+		-- Without it the session could neither be ended on a key change nor be checked by the
+		-- registrar on its requests: no login.
+		session.log("warn", "Login check answered without the key's fingerprint");
+		return "failure", "temporary-auth-failure", "The login service answered incompletely";
+	end
 	self.username = node;
-	session.kontalk_fingerprint = type(data.fingerprint) == "string" and data.fingerprint or nil;
+	session.kontalk_fingerprint = data.fingerprint;
 	local ok, err = accounts:set(node, { fingerprint = session.kontalk_fingerprint, last_login = os.time() });
 	if not ok then session.log("warn", "Could not record account %s: %s", node, tostring(err)); end
 	return "success";

@@ -4,7 +4,9 @@
 -- Every session of the event's JID that logged in (mod_auth_kontalk) with old_fingerprint is
 -- closed with a not-authorized stream error; for account-removed every session of the JID, and
 -- mod_auth_kontalk forgets the account. Events come at least once: ids already seen are dropped
--- (the last kontalk_events_memory ids are remembered).
+-- (the last kontalk_events_memory ids are remembered), and so are events older than
+-- kontalk_events_max_age. A session with a request at the registrar (the rollover or removal
+-- that caused the event) is closed right after its answer is sent.
 --
 -- Two ways in, use either or both:
 -- * webhook: POST on Prosody's HTTP server (mod_http) at kontalk_events_path, signed with
@@ -21,9 +23,13 @@
 --   kontalk_events_path    path of the webhook (default "/kontalk_events"; http_paths also works)
 --   kontalk_events_from    JID of the registrar's component allowed to send event messages
 --   kontalk_events_memory  how many event ids to remember (default 1000)
+--   kontalk_events_max_age seconds after which an event (its `at`) is ignored as a replay
+--                          (default 86400; the registrar retries for longer only while
+--                          Prosody is down, and a restart ends every session anyway)
 
 local json = require "util.json";
 local hashes = require "util.hashes";
+local datetime = require "util.datetime";
 local cache = require "util.cache";
 local jid_split = require "util.jid".prepped_split;
 local jid_bare = require "util.jid".bare;
@@ -36,6 +42,7 @@ local secret = module:get_option_string("kontalk_events_secret");
 local events_path = module:get_option_string("kontalk_events_path", "/kontalk_events");
 local events_from = jid_prep(module:get_option_string("kontalk_events_from"));
 local seen = cache.new(module:get_option_number("kontalk_events_memory", 1000));
+local max_age = module:get_option_number("kontalk_events_max_age", 86400);
 
 local xmlns_events = "urn:kontalk-registrar:events";
 local host_sessions = prosody.hosts[module.host].sessions;
@@ -57,6 +64,13 @@ local function handle_event(ev)
 		module:log("debug", "Dropping duplicate event %s", ev.id);
 		return 0;
 	end
+	-- A replayed old event (signed, but captured long ago) must not close today's sessions.
+	local at = type(ev.at) == "string" and datetime.parse(ev.at);
+	if not at or os.time() - at > max_age then
+		module:log("warn", "Ignoring event %s: its time %s is missing or older than %d s", ev.id,
+			tostring(ev.at), max_age);
+		return 0;
+	end
 	seen:set(ev.id, true);
 
 	local node, host = jid_split(type(ev.jid) == "string" and ev.jid or "");
@@ -76,7 +90,13 @@ local function handle_event(ev)
 		end
 	end
 	for _, session in ipairs(doomed) do
-		session:close(reason);
+		if (session.kontalk_relays or 0) > 0 then
+			-- A request of this session is with the registrar (the rollover or removal that
+			-- caused this event): mod_kontalk_register closes it once the answer is sent.
+			session.kontalk_pending_close = reason;
+		else
+			session:close(reason);
+		end
 	end
 	if all then module:fire_event("kontalk-account-removed", { username = node }); end
 	module:log("info", "Event %s (%s): closed %d session(s) of %s", ev.id, ev.type, #doomed, node);

@@ -87,7 +87,11 @@ local function relay(session, stanza)
 		jid = session.full_jid;
 		login_fingerprint = session.full_jid and session.kontalk_fingerprint or nil;
 	};
+	-- While the registrar answers, mod_kontalk_events holds back closing this session: a
+	-- rollover's or a removal's own event must not cut off its answer (the new certified key).
+	session.kontalk_relays = (session.kontalk_relays or 0) + 1;
 	local code, body = registrar.post("/v1/xmpp/relay", json.encode(payload), "application/json");
+	session.kontalk_relays = session.kontalk_relays - 1;
 	if session.destroyed then return; end
 	local reply, err = read_answer(code, body, stanza);
 	if reply then
@@ -95,6 +99,11 @@ local function relay(session, stanza)
 	elseif reply == nil then
 		session.log("warn", "Registration relay failed: %s", err);
 		session.send(st.error_reply(stanza, "wait", "service-unavailable", unavailable_text));
+	end
+	local pending = session.kontalk_pending_close;
+	if pending and session.kontalk_relays == 0 then
+		session.kontalk_pending_close = nil;
+		session:close(pending);
 	end
 end
 

@@ -151,7 +151,10 @@ pub struct PreviousKeyConfig {
 pub struct LoginSection {
     /// Client IPs or CIDRs that may call `POST /v1/login-certificates/verify`.
     pub allowed_ips: Vec<String>,
-    /// A bearer token that lets any client call it (prefer `REGISTRAR_LOGIN__BEARER_TOKEN`).
+    /// Client IPs or CIDRs that may call `POST /v1/xmpp/relay` without the token (none by
+    /// default: the relay acts for the accounts its caller names).
+    pub relay_allowed_ips: Vec<String>,
+    /// A bearer token that lets any client call both (prefer `REGISTRAR_LOGIN__BEARER_TOKEN`).
     pub bearer_token: Option<Secret>,
 }
 
@@ -159,6 +162,7 @@ impl Default for LoginSection {
     fn default() -> Self {
         Self {
             allowed_ips: vec!["127.0.0.0/8".into(), "::1/128".into()],
+            relay_allowed_ips: Vec::new(),
             bearer_token: None,
         }
     }
@@ -208,8 +212,10 @@ pub struct EventsSection {
 /// Who may call the login check over HTTP.
 #[derive(Debug, Clone, Default)]
 pub struct LoginAccess {
-    /// Client networks allowed without a token.
+    /// Client networks allowed to the login check without a token.
     pub allowed_ips: Vec<IpNet>,
+    /// Client networks allowed to the XMPP relay without a token.
+    pub relay_allowed_ips: Vec<IpNet>,
     /// The token that allows any client.
     pub bearer_token: Option<Secret>,
 }
@@ -1386,6 +1392,7 @@ impl FileConfig {
             .collect::<Result<Vec<_>, ConfigError>>()?;
         let login = LoginAccess {
             allowed_ips: cidrs("login.allowed_ips", &self.login.allowed_ips)?,
+            relay_allowed_ips: cidrs("login.relay_allowed_ips", &self.login.relay_allowed_ips)?,
             bearer_token: match &self.login.bearer_token {
                 Some(t) if t.expose().len() < 16 => {
                     return Err(bad("login.bearer_token", "must be at least 16 characters"));

@@ -326,13 +326,29 @@ pub enum SecretKeyError {
 
 /// Checks an uploaded secret key (binary or armored): exactly one OpenPGP key with secret key
 /// material, every part of which is encrypted (the client protects it with a passphrase before
-/// upload, and the server keeps nothing in clear). Returns its fingerprint.
-pub fn check_encrypted_secret_key(bytes: &[u8]) -> Result<String, SecretKeyError> {
-    if bytes.len() > MAX_KEY_BYTES {
+/// upload, and the server keeps nothing in clear). Returns its fingerprint and the key as binary
+/// OpenPGP (armor removed, the packets as sent), which is what a new device is handed.
+pub fn check_encrypted_secret_key(bytes: &[u8]) -> Result<(String, Vec<u8>), SecretKeyError> {
+    if bytes.len() > MAX_KEY_BYTES * 2 {
+        return Err(SecretKeyError::TooLarge);
+    }
+    let binary = if bytes.trim_ascii_start().starts_with(b"-----BEGIN PGP") {
+        let mut reader = sequoia_openpgp::armor::Reader::from_bytes(
+            bytes,
+            sequoia_openpgp::armor::ReaderMode::Tolerant(None),
+        );
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut reader, &mut out)
+            .map_err(|e| SecretKeyError::Parse(format!("armor: {e}")))?;
+        out
+    } else {
+        bytes.to_vec()
+    };
+    if binary.len() > MAX_KEY_BYTES {
         return Err(SecretKeyError::TooLarge);
     }
     let parse = |e: anyhow::Error| SecretKeyError::Parse(e.to_string());
-    let mut certs = CertParser::from_bytes(bytes).map_err(parse)?;
+    let mut certs = CertParser::from_bytes(&binary).map_err(parse)?;
     let cert = certs
         .next()
         .ok_or_else(|| SecretKeyError::Parse("no key".into()))?
@@ -350,7 +366,9 @@ pub fn check_encrypted_secret_key(bytes: &[u8]) -> Result<String, SecretKeyError
     if secrets == 0 {
         return Err(SecretKeyError::NoSecret);
     }
-    Ok(cert.fingerprint().to_hex())
+    let fingerprint = cert.fingerprint().to_hex();
+    drop(certs);
+    Ok((fingerprint, binary))
 }
 
 /// Why a new key may not replace an account's key (key rollover).

@@ -16,11 +16,12 @@
 //! | GET | `/v1/server-key` | the server's public key, ASCII armor; with `Accept: application/json`, every trusted key |
 //! | GET | `/healthz`, `/readyz` | liveness, and readiness (database answers) |
 //!
-//! The login check and the XMPP relay answer only clients in `login.allowed_ips` (as
-//! [`ApiState`] sees the client address, through trusted proxies) or bearing
-//! `login.bearer_token`: the login check tells whether a key is an account's current key, and the
-//! relay believes what its caller says about the XMPP client; both are the XMPP server's
-//! business, not the public's.
+//! The login check answers only clients in `login.allowed_ips` (as [`ApiState`] sees the client
+//! address, through trusted proxies) or bearing `login.bearer_token`: it tells whether a key is
+//! an account's current key, the XMPP server's business, not the public's. The XMPP relay
+//! believes what its caller says about the XMPP client (its session's account, its
+//! certificate), so it acts for any account: it answers only the token, or clients in
+//! `login.relay_allowed_ips`, empty by default.
 
 pub mod problem;
 mod relay;
@@ -62,6 +63,7 @@ pub struct ApiState {
     public_url: Option<Arc<str>>,
     trusted_proxies: Arc<[IpNet]>,
     login_ips: Arc<[IpNet]>,
+    relay_ips: Arc<[IpNet]>,
     /// [`token_digest`] of `login.bearer_token`: compared as a MAC so the comparison takes the
     /// same time wherever a guess differs.
     login_token: Option<Arc<[u8]>>,
@@ -118,6 +120,7 @@ pub fn router(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, options: HttpOpt
             .map(|u| Arc::from(u.trim_end_matches('/'))),
         trusted_proxies: options.trusted_proxies.into(),
         login_ips: options.login.allowed_ips.into(),
+        relay_ips: options.login.relay_allowed_ips.into(),
         login_token: options
             .login
             .bearer_token
@@ -464,8 +467,18 @@ impl ApiState {
     /// Whether the request may use the login check: the client is in `login.allowed_ips`, or
     /// it bears `login.bearer_token`.
     fn login_allowed(&self, parts: &axum::http::request::Parts) -> bool {
+        self.allowed(parts, &self.login_ips)
+    }
+
+    /// Whether the request may use the XMPP relay: the client is in `login.relay_allowed_ips`
+    /// (empty by default), or it bears `login.bearer_token`.
+    fn relay_allowed(&self, parts: &axum::http::request::Parts) -> bool {
+        self.allowed(parts, &self.relay_ips)
+    }
+
+    fn allowed(&self, parts: &axum::http::request::Parts, networks: &[IpNet]) -> bool {
         if let Some(ip) = self.origin(parts).ip
-            && self.login_ips.iter().any(|n| n.contains(&ip))
+            && networks.iter().any(|n| n.contains(&ip))
         {
             return true;
         }

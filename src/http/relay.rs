@@ -1,7 +1,8 @@
-//! `POST /v1/xmpp/relay`: the HTTP side of the Prosody link (`prosody/LINK.md`). Open to the same
-//! callers as the login check (`login.allowed_ips`, or `login.bearer_token`), since it trusts
-//! what the caller says of the client (address, certificate, session). The stanza work is
-//! [`crate::xmpp::relay`]; every protocol outcome is a 200 with the stanza to send.
+//! `POST /v1/xmpp/relay`: the HTTP side of the Prosody link (`prosody/LINK.md`). It trusts what
+//! its caller says of the client (address, certificate, session JID and login key), so it acts
+//! for any account: open to `login.bearer_token`, or to `login.relay_allowed_ips` (none by
+//! default). The stanza work is [`crate::xmpp::relay`]; every protocol outcome is a 200 with the
+//! stanza to send.
 
 use axum::Json;
 use axum::extract::{Request, State};
@@ -28,9 +29,10 @@ struct RelayBody {
 
 pub(super) async fn relay_iq(State(s): State<ApiState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    if !s.login_allowed(&parts) {
+    if !s.relay_allowed(&parts) {
         return unauthorized(
-            "the XMPP relay is open to the configured networks and to holders of the bearer token",
+            "the XMPP relay is open to holders of the bearer token (and to \
+             login.relay_allowed_ips)",
         );
     }
     let request = Request::from_parts(parts, body);

@@ -117,7 +117,7 @@ impl Default for Settings {
             event_sinks: Vec::new(),
             key_transfer_lifetime: Duration::from_secs(900),
             key_retrievals_per_ip: Some(abuse::Rate::new(10, Duration::from_secs(3600))),
-            key_retrievals_global: Some(abuse::Rate::new(1000, Duration::from_secs(3600))),
+            key_retrievals_global: Some(abuse::Rate::new(10_000, Duration::from_secs(3600))),
         }
     }
 }

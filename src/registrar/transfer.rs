@@ -65,8 +65,8 @@ fn normalize(token: &str) -> Option<String> {
 }
 
 impl Registrar {
-    /// Stores `private_key` (binary or armored OpenPGP, every secret part passphrase-protected)
-    /// of `account` for a new device, and hands out its token. The caller has authenticated the
+    /// Stores `private_key` (binary or armored OpenPGP, every secret part passphrase-protected;
+    /// kept as binary) of `account` for a new device, and hands out its token. The caller has authenticated the
     /// account's own session (see [`Registrar::session_account`]).
     pub async fn upload_private_key(
         &self,
@@ -78,15 +78,14 @@ impl Registrar {
             .account(account.as_str())
             .await?
             .ok_or(Error::NoAccount)?;
-        let (private_key, fingerprint) = tokio::task::spawn_blocking(move || {
-            openpgp::check_encrypted_secret_key(&private_key).map(|f| (private_key, f))
-        })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "private key check task failed");
-            Error::Internal
-        })?
-        .map_err(|e| Error::BadRequest(e.to_string()))?;
+        let (fingerprint, private_key) =
+            tokio::task::spawn_blocking(move || openpgp::check_encrypted_secret_key(&private_key))
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "private key check task failed");
+                    Error::Internal
+                })?
+                .map_err(|e| Error::BadRequest(e.to_string()))?;
         if !fingerprint.eq_ignore_ascii_case(&record.fingerprint) {
             return Err(Error::BadRequest(
                 "the private key is not the account's current key".into(),

@@ -66,6 +66,19 @@ macro_rules! insert_events {
 }
 pub(super) use insert_events;
 
+/// Deletes the key transfer of `$account` inside transaction `$tx`: its key stops being the
+/// account's, and a key replaced since the upload is never handed out anyway.
+macro_rules! delete_key_transfer {
+    ($tx:ident, $account:expr) => {
+        sqlx::query("DELETE FROM key_transfers WHERE account = $1")
+            .bind($account)
+            .execute(&mut *$tx)
+            .await
+            .map_err(db)?;
+    };
+}
+pub(super) use delete_key_transfer;
+
 /// Implements [`Store`](super::Store) for `$store` (a struct with a `pool` field).
 macro_rules! sql_store {
     ($store:ident, $row:ty, $begin:literal, $kind:literal, $for_update:literal) => {
@@ -378,10 +391,12 @@ impl Store for $store {
         if previous.is_some() && !c.replace_account {
             return Ok(CompleteOutcome::AccountExists);
         }
-        // A forced re-registration with another key: the old key's sessions must go.
+        // A forced re-registration with another key: the old key's sessions must go, and so
+        // does a private key of it waiting for another device.
         if let Some(old) = previous.filter(|old| *old != c.fingerprint) {
             insert_events!(tx, c.notice, EventKind::KeyReplaced, account, Some(old.as_str()),
                 Some(c.fingerprint.as_str()), c.now);
+            delete_key_transfer!(tx, account);
         }
         sqlx::query(
             "INSERT INTO accounts (id, fingerprint, public_key, created_at, updated_at) \
@@ -733,6 +748,7 @@ impl Store for $store {
         if r.rows_affected() == 0 {
             return Ok(false);
         }
+        delete_key_transfer!(tx, account);
         insert_events!(tx, c.notice, EventKind::KeyRolledOver, account,
             Some(c.old_fingerprint.as_str()), Some(c.new_fingerprint.as_str()), c.now);
         tx.commit().await.map_err(db)?;
@@ -775,15 +791,14 @@ impl Store for $store {
     }
 
     async fn put_key_transfer(&self, t: &KeyTransferRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
-        sqlx::query("DELETE FROM key_transfers WHERE account = $1")
-            .bind(&t.account)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        // One statement, so that concurrent uploads of one account replace each other instead
+        // of meeting at the unique constraint.
         sqlx::query(
             "INSERT INTO key_transfers (token_hash, account, fingerprint, private_key, \
-             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+             created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (account) DO UPDATE SET token_hash = excluded.token_hash, \
+             fingerprint = excluded.fingerprint, private_key = excluded.private_key, \
+             created_at = excluded.created_at, expires_at = excluded.expires_at",
         )
         .bind(&t.token_hash)
         .bind(&t.account)
@@ -791,10 +806,10 @@ impl Store for $store {
         .bind(&t.private_key)
         .bind(t.created_at)
         .bind(t.expires_at)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await
         .map_err(db)?;
-        tx.commit().await.map_err(db)
+        Ok(())
     }
 
     async fn take_key_transfer(

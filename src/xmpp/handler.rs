@@ -104,20 +104,21 @@ impl Handler {
         &self.registrar
     }
 
-    /// The account whose own logged-in session sent a request, with its stored record;
-    /// forbidden for anyone else, and for a session of a key the account no longer has.
-    async fn sender_account(
-        &self,
-        sender: &Sender,
-    ) -> Result<(AccountId, crate::store::AccountRecord), StanzaError> {
+    /// The account named by the sender's JID (`<account>@<domain>`), if it names one.
+    fn named_account(&self, sender: &Sender) -> Option<AccountId> {
         let domain = &self.registrar.settings().domain;
-        let account = sender
+        sender
             .jid
             .as_ref()
             .filter(|from| from.domain().as_str().eq_ignore_ascii_case(domain))
             .and_then(|from| from.node())
-            .and_then(|node| node.as_str().parse::<AccountId>().ok());
-        let Some(account) = account else {
+            .and_then(|node| node.as_str().parse::<AccountId>().ok())
+    }
+
+    /// The account whose own logged-in session sent a request; forbidden for anyone else, and
+    /// for a session of a key the account no longer has.
+    async fn sender_account(&self, sender: &Sender) -> Result<AccountId, StanzaError> {
+        let Some(account) = self.named_account(sender) else {
             return Err(stanza_error(
                 ErrorType::Auth,
                 DefinedCondition::Forbidden,
@@ -129,7 +130,7 @@ impl Handler {
             .session_account(&account, sender.login_fingerprint.as_deref())
             .await
         {
-            Ok(record) => Ok((account, record)),
+            Ok(_) => Ok(account),
             Err(e) => Err(self.core_error(&e)),
         }
     }
@@ -211,9 +212,21 @@ impl Handler {
     /// it can change (XEP-0077 3.2.1).
     async fn registration_query(&self, sender: &Sender) -> Answer {
         let settings = self.registrar.settings();
-        if sender.jid.as_ref().is_some_and(|j| j.node().is_some())
-            && let Ok((account, _)) = self.sender_account(sender).await
-        {
+        // A registered account's own session sees what it can change; an unregistered JID, or
+        // a session of a replaced key, the registration form; a store failure, an error.
+        let registered = match self.named_account(sender) {
+            None => None,
+            Some(account) => match self
+                .registrar
+                .session_account(&account, sender.login_fingerprint.as_deref())
+                .await
+            {
+                Ok(_) => Some(account),
+                Err(Error::NoAccount | Error::Forbidden(_)) => None,
+                Err(e) => return Err(self.core_error(&e)),
+            },
+        };
+        if let Some(account) = registered {
             let instructions = format!(
                 "{} is registered with {}. You can replace its key (form {}), store your \
                  passphrase-protected private key for another device (form {}), or remove the \
@@ -306,7 +319,7 @@ impl Handler {
                 public_key,
                 revoked,
             } => {
-                let (account, _) = self.sender_account(sender).await?;
+                let account = self.sender_account(sender).await?;
                 let bad_key = |e| self.core_error(&Error::BadKey(e));
                 let key = UserKey::parse(&public_key).map_err(bad_key)?;
                 let revoked = revoked
@@ -325,7 +338,7 @@ impl Handler {
                 }
             }
             Submission::PrivateKey { private_key } => {
-                let (account, _) = self.sender_account(sender).await?;
+                let account = self.sender_account(sender).await?;
                 let compact: String = private_key
                     .chars()
                     .filter(|c| !c.is_ascii_whitespace())
@@ -339,7 +352,7 @@ impl Handler {
                 }
             }
             Submission::Remove => {
-                let (account, _) = self.sender_account(sender).await?;
+                let account = self.sender_account(sender).await?;
                 let bare = account.jid(&self.registrar.settings().domain);
                 match self
                     .registrar

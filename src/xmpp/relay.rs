@@ -21,8 +21,12 @@ use super::handler::{Handler, Sender};
 /// Namespace of client streams.
 const CLIENT_NS: &str = "jabber:client";
 
+/// Nesting deeper than this is refused before any tree is built (Kontalk's stanzas are six
+/// deep; a tree thousands deep would exhaust the stack of whoever walks or drops it).
+pub const MAX_DEPTH: usize = 32;
+
 /// One relayed iq, as `prosody/LINK.md` describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Relayed {
     /// The iq as the client sent it, serialised by Prosody (its namespace absent or
     /// `jabber:client`).
@@ -37,6 +41,18 @@ pub struct Relayed {
     pub jid: Option<String>,
     /// The fingerprint of the key the session logged in with.
     pub login_fingerprint: Option<String>,
+}
+
+impl std::fmt::Debug for Relayed {
+    /// The stanza holds phone numbers, codes and keys: only its size is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relayed")
+            .field("stanza_len", &self.stanza.len())
+            .field("host", &self.host)
+            .field("certificate", &self.certificate.is_some())
+            .field("session", &self.jid.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a relay request itself is unusable (the link is misused, not the protocol).
@@ -64,9 +80,33 @@ fn renamespace(mut element: Element, from: &str, to: &str) -> Element {
     out
 }
 
+/// Refuses XML nested deeper than [`MAX_DEPTH`], with rxml's streaming parser (no tree, no
+/// recursion); malformed XML is left for the real parse to describe.
+fn check_depth(xml: &str) -> Result<(), RelayError> {
+    use xmpp_parsers::minidom::rxml::{RawEvent, RawReader};
+    let mut reader = RawReader::new(xml.as_bytes());
+    let mut depth = 0usize;
+    loop {
+        match reader.read() {
+            Ok(Some(RawEvent::ElementHeadOpen(..))) => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return Err(RelayError(format!(
+                        "the stanza is nested deeper than {MAX_DEPTH} elements"
+                    )));
+                }
+            }
+            Ok(Some(RawEvent::ElementFoot(..))) => depth = depth.saturating_sub(1),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return Ok(()),
+        }
+    }
+}
+
 /// Reads the relayed stanza as the component namespace's iq; an iq xmpp-parsers refuses but
 /// whose `id` and type ask for an answer gets bad-request, anything else is the link's error.
 fn read_iq(stanza: &str) -> Result<Result<Iq, Iq>, RelayError> {
+    check_depth(stanza)?;
     let element = Element::from_reader_with_prefixes(stanza.as_bytes(), ns::DEFAULT_NS.to_owned())
         .map_err(|e| RelayError(format!("the stanza is not XML: {e}")))?;
     let element = renamespace(element, CLIENT_NS, ns::DEFAULT_NS);
@@ -103,6 +143,13 @@ pub async fn relay(handler: &Handler, r: Relayed) -> Result<Option<String>, Rela
         .map(Jid::new)
         .transpose()
         .map_err(|e| RelayError(format!("jid: {e}")))?;
+    // A logged-in session always has the key it logged in with: without it, the checks that
+    // the key is still the account's could not be made.
+    if jid.is_some() && r.login_fingerprint.is_none() {
+        return Err(RelayError(
+            "a session's jid comes with its login_fingerprint".into(),
+        ));
+    }
     let iq = read_iq(&r.stanza)?;
     let to_address = |iq: &Iq| iq.to().cloned();
     let (answer, server) = match iq {
@@ -182,6 +229,42 @@ mod tests {
         ] {
             assert!(read_iq(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_a_tree_is_built() {
+        let nested = |depth: usize| {
+            format!(
+                "<iq type='set' id='d'><query xmlns='jabber:iq:register'>{}{}</query></iq>",
+                "<a>".repeat(depth),
+                "</a>".repeat(depth)
+            )
+        };
+        assert!(read_iq(&nested(MAX_DEPTH - 2)).is_ok());
+        let e = read_iq(&nested(MAX_DEPTH)).unwrap_err();
+        assert!(e.0.contains("nested deeper"), "{e}");
+        // Far deeper than any stack holds as a tree: refused just the same, quickly.
+        let e = read_iq(&nested(100_000)).unwrap_err();
+        assert!(e.0.contains("nested deeper"), "{e}");
+        // Unclosed elements count too.
+        assert!(read_iq(&"<a>".repeat(1000)).is_err());
+    }
+
+    #[test]
+    fn debug_output_shows_no_stanza() {
+        let r = Relayed {
+            stanza: "<iq><query>+15555215554 123456</query></iq>".into(),
+            host: "localhost".into(),
+            client_ip: "192.0.2.1".parse().unwrap(),
+            certificate: None,
+            jid: None,
+            login_fingerprint: None,
+        };
+        let shown = format!("{r:?}");
+        assert!(
+            !shown.contains("5555") && !shown.contains("123456"),
+            "{shown}"
+        );
     }
 
     #[test]

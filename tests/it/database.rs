@@ -267,3 +267,102 @@ async fn events_are_leased_retried_and_deleted_and_nonces_are_single_use() {
     store.purge_expired(now + 301).await.unwrap();
     assert!(store.use_nonce("remove:x:n1", now + 900).await.unwrap());
 }
+
+#[tokio::test]
+async fn key_transfers_are_taken_once_replaced_by_account_and_go_with_the_key() {
+    use kontalk_registrar::store::{KeyChange, KeyTransferRecord, Notice};
+    let dir = tempfile::tempdir().unwrap();
+    let url = database(dir.path()).await;
+    let store = open_store(&url).await;
+    let now = 1_800_000_000;
+    execute(
+        &url,
+        &format!(
+            "INSERT INTO accounts (id, fingerprint, public_key, created_at, updated_at) \
+             VALUES ('{EMULATOR_ACCOUNT}', 'OLD', '', {now}, {now})"
+        ),
+    )
+    .await;
+    let transfer = |token: &str, expires_at| KeyTransferRecord {
+        token_hash: token.into(),
+        account: EMULATOR_ACCOUNT.into(),
+        fingerprint: "OLD".into(),
+        private_key: vec![0x95, 1, 2],
+        created_at: now,
+        expires_at,
+    };
+    // Taken once, whoever asks second gets nothing.
+    store
+        .put_key_transfer(&transfer("t1", now + 900))
+        .await
+        .unwrap();
+    let got = store.take_key_transfer("t1", now).await.unwrap().unwrap();
+    assert_eq!(got, transfer("t1", now + 900));
+    assert_eq!(store.take_key_transfer("t1", now).await.unwrap(), None);
+    // A newer upload of the account replaces the older one, concurrent uploads included.
+    store
+        .put_key_transfer(&transfer("t2", now + 900))
+        .await
+        .unwrap();
+    let (t3, t4) = (transfer("t3", now + 900), transfer("t4", now + 900));
+    let (a, b) = tokio::join!(store.put_key_transfer(&t3), store.put_key_transfer(&t4));
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(store.take_key_transfer("t2", now).await.unwrap(), None);
+    let left = [
+        store.take_key_transfer("t3", now).await.unwrap(),
+        store.take_key_transfer("t4", now).await.unwrap(),
+    ];
+    assert_eq!(left.iter().filter(|t| t.is_some()).count(), 1, "{left:?}");
+    // Expired: not handed out, and purged.
+    store
+        .put_key_transfer(&transfer("t5", now + 900))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.take_key_transfer("t5", now + 900).await.unwrap(),
+        None
+    );
+    store
+        .put_key_transfer(&transfer("t6", now + 900))
+        .await
+        .unwrap();
+    store.purge_expired(now + 901).await.unwrap();
+    assert_eq!(store.take_key_transfer("t6", now).await.unwrap(), None);
+    // A rollover takes the old key's transfer with it.
+    store
+        .put_key_transfer(&transfer("t7", now + 900))
+        .await
+        .unwrap();
+    let change = KeyChange {
+        old_fingerprint: "OLD".into(),
+        new_fingerprint: "NEW".into(),
+        public_key: vec![1],
+        now,
+        notice: Notice {
+            event_id: "e1".into(),
+            sinks: vec![],
+        },
+    };
+    assert!(store.replace_key(EMULATOR_ACCOUNT, &change).await.unwrap());
+    assert_eq!(store.take_key_transfer("t7", now).await.unwrap(), None);
+    // And a removal takes the new key's.
+    store
+        .put_key_transfer(&KeyTransferRecord {
+            fingerprint: "NEW".into(),
+            ..transfer("t8", now + 900)
+        })
+        .await
+        .unwrap();
+    let notice = Notice {
+        event_id: "e2".into(),
+        sinks: vec![],
+    };
+    assert!(
+        store
+            .remove_account(EMULATOR_ACCOUNT, "NEW", now, &notice)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.take_key_transfer("t8", now).await.unwrap(), None);
+}

@@ -103,6 +103,20 @@ impl Answer {
     }
 }
 
+/// A server whose relay loopback may call without the token (as Prosody on the same host would
+/// with `login.relay_allowed_ips`), adjusted by `tweak`.
+async fn server_with(tweak: impl FnOnce(&mut kontalk_registrar::config::Config)) -> TestServer {
+    TestServer::start_with(|c| {
+        c.login.relay_allowed_ips = vec!["127.0.0.0/8".parse().unwrap()];
+        tweak(c);
+    })
+    .await
+}
+
+async fn server() -> TestServer {
+    server_with(|_| {}).await
+}
+
 async fn relay_raw(s: &TestServer, body: Value) -> Reply {
     s.post(RELAY, body).await
 }
@@ -196,7 +210,7 @@ async fn register(s: &TestServer, ip: &'static str, phone: &str, key: &Cert, for
 
 #[tokio::test]
 async fn the_kontalk_flow_with_the_key_from_the_certificate() {
-    let s = TestServer::start().await;
+    let s = server().await;
     // The Android client first asks for the form, before login, and gives up unless it gets it.
     let form = relay(
         &s,
@@ -237,7 +251,7 @@ async fn the_kontalk_flow_with_the_key_from_the_certificate() {
 
 #[tokio::test]
 async fn step_two_refuses_certificates_that_fail_a_check() {
-    let s = TestServer::start().await;
+    let s = server().await;
     let (key, pem) = key_and_certificate(&jid(), false);
     let started = relay(&s, &Client::at("192.0.2.2"), &step1(EMULATOR, false)).await;
     assert_eq!(started.kind(), "result");
@@ -246,7 +260,8 @@ async fn step_two_refuses_certificates_that_fail_a_check() {
         assert_eq!(a.error(), "modify/bad-request", "{}", a.xml);
         assert_eq!(a.text(), "Invalid public key.");
     };
-    // Garbage, and a certificate whose X.509 key is not the key in its extension.
+    // Garbage (a certificate whose X.509 key is not the key in its extension: login_cert's unit
+    // tests and the end-to-end test through Prosody).
     let garbage = Client::at("192.0.2.2")
         .with_certificate("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into());
     invalid(&relay(&s, &garbage, &step2(&code)).await);
@@ -340,7 +355,7 @@ fn pem_encode(der: &[u8]) -> String {
 
 #[tokio::test]
 async fn per_ip_limits_apply_to_the_relayed_address() {
-    let s = TestServer::start_with(|c| {
+    let s = server_with(|c| {
         c.settings.abuse.start.ip = Some("2/1h".parse().unwrap());
     })
     .await;
@@ -379,7 +394,7 @@ async fn per_ip_limits_apply_to_the_relayed_address() {
 
 #[tokio::test]
 async fn a_registered_session_sees_registered_rolls_over_and_removes() {
-    let s = TestServer::start().await;
+    let s = server().await;
     let (key, _) = key_and_certificate(&jid(), false);
     let certified = register(&s, "192.0.2.3", EMULATOR, &key, false).await;
     let fpr = certified.fingerprint().to_hex();
@@ -492,7 +507,7 @@ fn encrypted(key: &Cert, passphrase: &str) -> Vec<u8> {
 
 #[tokio::test]
 async fn moving_to_a_new_device_with_a_token() {
-    let s = TestServer::start().await;
+    let s = server().await;
     let (key, _) = key_and_certificate(&jid(), false);
     let certified = register(&s, "192.0.2.4", EMULATOR, &key, false).await;
     let session = Client::at("192.0.2.4").session(&jid(), &certified.fingerprint().to_hex());
@@ -530,7 +545,7 @@ async fn moving_to_a_new_device_with_a_token() {
     assert_eq!(uploaded.kind(), "result", "{}", uploaded.xml);
     let token = uploaded.field("token").unwrap();
     assert_eq!(token.len(), 40);
-    // The database holds the encrypted key, never the token.
+    // The new device asks before login, from anywhere.
     let retrieve = |token: &str| {
         iq(
             "get",
@@ -570,7 +585,7 @@ async fn moving_to_a_new_device_with_a_token() {
 
 #[tokio::test]
 async fn key_retrievals_are_limited_per_address() {
-    let s = TestServer::start_with(|c| {
+    let s = server_with(|c| {
         c.settings.key_retrievals_per_ip = Some("3/1h".parse().unwrap());
     })
     .await;
@@ -601,19 +616,30 @@ async fn key_retrievals_are_limited_per_address() {
 
 #[tokio::test]
 async fn the_relay_is_for_the_xmpp_server_only_and_refuses_misuse() {
-    let s = TestServer::start_with(|c| {
-        c.login.allowed_ips = Vec::new();
-        c.login.bearer_token = Some(Secret::new("relay-token-0123456789".to_owned()));
-    })
-    .await;
+    // The defaults: the login check is open to loopback, the relay to the token only (it acts
+    // for whichever account its caller names).
+    let defaults = TestServer::start().await;
     let body = json!({
         "stanza": iq("get", "f1", "<query xmlns='jabber:iq:register'/>"),
         "host": "localhost",
         "client_ip": "192.0.2.5",
     });
-    let refused = relay_raw(&s, body.clone()).await;
-    assert_eq!(refused.status, 401);
+    let refused = relay_raw(&defaults, body.clone()).await;
+    assert_eq!(refused.status, 401, "{:?}", refused.body);
     assert_eq!(refused.headers["www-authenticate"], "Bearer");
+    let login = defaults
+        .post_raw("/v1/login-certificates/verify", "junk")
+        .await;
+    assert_eq!(
+        login.status, 403,
+        "the login check answers loopback: {:?}",
+        login.body
+    );
+    let s = TestServer::start_with(|c| {
+        c.login.bearer_token = Some(Secret::new("relay-token-0123456789".to_owned()));
+    })
+    .await;
+    assert_eq!(relay_raw(&s, body.clone()).await.status, 401);
     let with_token = |body: Value| {
         s.http
             .post(s.url(RELAY))
@@ -648,6 +674,11 @@ async fn the_relay_is_for_the_xmpp_server_only_and_refuses_misuse() {
         (
             json!({"stanza": body["stanza"], "host": "localhost", "client_ip": "192.0.2.5", "jid": "@@"}),
             "jid",
+        ),
+        // A session's JID always comes with the key it logged in with.
+        (
+            json!({"stanza": body["stanza"], "host": "localhost", "client_ip": "192.0.2.5", "jid": format!("{}/phone", jid())}),
+            "login_fingerprint",
         ),
     ] {
         let r = Reply::from(with_token(bad.clone()).await.unwrap()).await;
@@ -686,7 +717,7 @@ async fn the_relay_is_for_the_xmpp_server_only_and_refuses_misuse() {
 async fn an_android_rollover_is_proved_by_the_session_and_the_revocation() {
     // Kontalk's Android client rolls over with a new key the old one did not certify, sending
     // the old key with its revocation, from the session that logged in with the old key.
-    let s = TestServer::start().await;
+    let s = server().await;
     // (Ed25519 keys here for speed; the proof does not depend on the algorithm.)
     let (key, _) = key_and_certificate(&jid(), false);
     let certified = register(&s, "192.0.2.6", EMULATOR, &key, false).await;
@@ -704,19 +735,8 @@ async fn an_android_rollover_is_proved_by_the_session_and_the_revocation() {
             ],
         ),
     );
-    // Without the session's proof (as the component sees it: no login key), it is refused.
-    let anonymous = Client {
-        jid: Some(format!("{}/phone", jid())),
-        ..Client::at("192.0.2.6")
-    };
-    let refused = relay(&s, &anonymous, &rollover).await;
-    assert_eq!(refused.error(), "modify/bad-request", "{}", refused.xml);
-    assert!(
-        refused.text().contains("certification"),
-        "{}",
-        refused.text()
-    );
-    // Without the revocation, the session alone is not enough either.
+    // Without the revocation, the session alone is not enough (and without a session of the
+    // old key, as over the component, the revocation is not: openpgp's unit tests).
     let session = Client::at("192.0.2.6").session(&jid(), &certified.fingerprint().to_hex());
     let bare = iq(
         "set",
@@ -737,4 +757,61 @@ async fn an_android_rollover_is_proved_by_the_session_and_the_revocation() {
     let login = bridge(&new.clone().merge_public(public_key).unwrap(), &jid());
     let checked = s.post_raw("/v1/login-certificates/verify", login).await;
     assert_eq!(checked.status, 200, "{:?}", checked.body);
+}
+
+#[tokio::test]
+async fn key_transfers_keep_only_the_latest_current_key_and_no_token() {
+    let s = server().await;
+    let (key, _) = key_and_certificate(&jid(), false);
+    let certified = register(&s, "192.0.2.7", EMULATOR, &key, false).await;
+    let fingerprint = certified.fingerprint().to_hex();
+    let session = Client::at("192.0.2.7").session(&jid(), &fingerprint);
+    let protected = encrypted(&certified, "words");
+    let upload = iq(
+        "set",
+        "u1",
+        &form(
+            "http://kontalk.org/protocol/register#privatekey",
+            &[("privatekey", &b64(&protected))],
+        ),
+    );
+    let retrieve = |token: &str| {
+        iq(
+            "get",
+            "t1",
+            &format!(
+                "<query xmlns='jabber:iq:register'><account xmlns='{ACCOUNT_NS}'>\
+                 <privatekey><token>{token}</token></privatekey></account></query>"
+            ),
+        )
+    };
+    let token = |a: &Answer| a.field("token").unwrap();
+    // The database holds the token only as a keyed hash: looking the raw token up finds
+    // nothing (and consumes nothing).
+    let first = token(&relay(&s, &session, &upload).await);
+    let store = open_store(&s.db_url).await;
+    let now = s.clock_now().timestamp();
+    assert_eq!(store.take_key_transfer(&first, now).await.unwrap(), None);
+    // A newer upload makes the older token useless.
+    let second = token(&relay(&s, &session, &upload).await);
+    let stale = relay(&s, &Client::at("198.51.100.20"), &retrieve(&first)).await;
+    assert_eq!(stale.error(), "cancel/item-not-found");
+    // Sessions of another domain, or of a key the account no longer has, cannot upload.
+    let foreign =
+        Client::at("192.0.2.7").session(&format!("{EMULATOR_ACCOUNT}@example.org"), &fingerprint);
+    assert_eq!(relay(&s, &foreign, &upload).await.error(), "auth/forbidden");
+    // The key is replaced (a forced re-registration from another device): the upload of the
+    // old key is never handed out, and the old key's session cannot upload again.
+    let (other, _) = key_and_certificate(&jid(), false);
+    s.clock.advance(Duration::from_secs(120));
+    register(&s, "192.0.2.8", EMULATOR, &other, true).await;
+    let replaced = relay(&s, &Client::at("198.51.100.20"), &retrieve(&second)).await;
+    assert_eq!(
+        replaced.error(),
+        "cancel/item-not-found",
+        "{}",
+        replaced.xml
+    );
+    let old_session = relay(&s, &session, &upload).await;
+    assert_eq!(old_session.error(), "auth/forbidden", "{}", old_session.xml);
 }
