@@ -172,7 +172,40 @@ async fn method_not_allowed() -> Problem {
 
 /// A JSON body. Any content type is read as JSON (clients such as `curl -d` send form types);
 /// an empty body reads as `{}`. Unreadable bodies are 400, oversized ones 413, as problem+json.
+/// Every body is a JSON object whose members the endpoint knows (each body type denies unknown
+/// fields): an array is not read positionally, and the errors name members, not Rust types.
 pub struct ApiJson<T>(pub T);
+
+/// The JSON kind of `v`, as a person calls it.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Reads a request body as the JSON object `T`; the problem's detail says what is wrong.
+pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Problem> {
+    let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    let value: serde_json::Value = serde_json::from_slice(text)
+        .map_err(|e| Problem::bad_request(format!("the request body is not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(Problem::bad_request(format!(
+            "the request body must be a JSON object ({{\"member\": value, ...}}), not {}",
+            json_kind(&value)
+        )));
+    }
+    serde_json::from_value(value)
+        .map_err(|e| Problem::bad_request(format!("the request body is not usable: {e}")))
+}
 
 impl<S, T> FromRequest<S> for ApiJson<T>
 where
@@ -194,14 +227,7 @@ where
                 Problem::bad_request(format!("cannot read the request body: {rejection}"))
             }
         })?;
-        let text: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
-        serde_json::from_slice(text)
-            .map(ApiJson)
-            .map_err(|e| Problem::bad_request(format!("malformed JSON request: {e}")))
+        parse_body(&bytes).map(ApiJson)
     }
 }
 
@@ -287,6 +313,7 @@ fn verification_id(raw: &str) -> Result<VerificationId, Error> {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StartBody {
     phone: String,
     #[serde(default)]
@@ -371,6 +398,7 @@ async fn cancel(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
 }
 
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct ResendBody {
     #[serde(default)]
     challenge: Option<Challenge>,
@@ -402,6 +430,7 @@ async fn resend(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CodeBody {
     code: String,
     public_key: String,
@@ -533,6 +562,7 @@ async fn check_login(State(s): State<ApiState>, request: Request) -> Response {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RolloverBody {
     public_key: String,
     #[serde(default)]
@@ -561,6 +591,7 @@ async fn roll_over(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RemovalBody {
     timestamp: i64,
     nonce: String,
@@ -741,6 +772,47 @@ async fn readyz(State(s): State<ApiState>) -> Response {
 mod tests {
     use super::*;
 
+    fn detail<T: DeserializeOwned + std::fmt::Debug>(body: &str) -> String {
+        let p = parse_body::<T>(body.as_bytes()).unwrap_err();
+        assert_eq!(p.status(), StatusCode::BAD_REQUEST, "{body}");
+        p.detail().to_owned()
+    }
+
+    #[test]
+    fn bodies_are_json_objects_of_known_members() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Start {
+            phone: String,
+            #[serde(default)]
+            force: bool,
+        }
+        let ok = parse_body::<Start>(br#"{"phone": "+15555215554", "force": true}"#).unwrap();
+        assert_eq!((ok.phone.as_str(), ok.force), ("+15555215554", true));
+        // An array is not read member by member, and its error names no Rust type.
+        for (body, said) in [
+            (r#"["+15555215554", true]"#, "must be a JSON object"),
+            ("[]", "not an array"),
+            ("\"+15555215554\"", "not a string"),
+            ("5", "not a number"),
+            ("null", "not null"),
+            (r#"{"phone": "+1", "forse": true}"#, "unknown field `forse`"),
+            (r#"{"force": true}"#, "missing field `phone`"),
+            (
+                r#"{"phone": 5}"#,
+                "invalid type: integer `5`, expected a string",
+            ),
+            ("{", "not JSON"),
+        ] {
+            let d = detail::<Start>(body);
+            assert!(d.contains(said), "{body}: {d}");
+            assert!(!d.contains("struct") && !d.contains("Start"), "{body}: {d}");
+        }
+        // An empty body is the empty object.
+        assert!(detail::<Start>("  ").contains("missing field `phone`"));
+    }
+
     #[test]
     fn json_is_chosen_only_when_asked_for() {
         let accept = |v: &'static str| {
@@ -778,5 +850,74 @@ mod tests {
         assert!(matches(b"a-token-of-16-chars"));
         assert!(!matches(b"a-token-of-16-charS"));
         assert!(!matches(b""));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        phone: String,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        challenge: Option<Challenge>,
+    }
+
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<String>().prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("phone".to_owned()),
+                        Just("force".to_owned()),
+                        Just("challenge".to_owned()),
+                        any::<String>()
+                    ],
+                    inner,
+                    0..4
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any JSON: accepted only as an object of known members, else a 400 whose detail
+        /// names no Rust type.
+        #[test]
+        fn any_json_is_an_object_of_known_members_or_a_readable_400(v in json()) {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            match parse_body::<Body>(&bytes) {
+                Ok(_) => {
+                    let object = v.as_object().unwrap();
+                    prop_assert!(object.keys().all(|k| ["phone", "force", "challenge"].contains(&k.as_str())));
+                }
+                Err(p) => {
+                    prop_assert_eq!(p.status(), StatusCode::BAD_REQUEST);
+                    prop_assert!(!p.detail().contains("struct"), "{}", p.detail());
+                }
+            }
+        }
+
+        /// Any bytes: never a panic, always an answer.
+        #[test]
+        fn any_bytes_are_read_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = parse_body::<Body>(&bytes);
+        }
     }
 }

@@ -70,6 +70,11 @@ impl Problem {
         self.status
     }
 
+    /// The text for people.
+    pub fn detail(&self) -> &str {
+        &self.detail
+    }
+
     /// Maps a core error, with `now` to compute `Retry-After`.
     pub fn from_error(e: &Error, now: DateTime<Utc>) -> Self {
         let detail = e.to_string();

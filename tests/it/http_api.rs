@@ -323,6 +323,24 @@ async fn malformed_requests_are_400_and_huge_ones_413() {
             r.body
         );
     }
+    // A body that is not an object is refused as such, even when its values would fit the
+    // members in order; unknown members are refused by name. Nothing is sent.
+    for (body, said) in [
+        (r#"["+15555215554"]"#, "must be a JSON object"),
+        (r#"["+15555215554", true, "pin"]"#, "not an array"),
+        (r#""+15555215554""#, "not a string"),
+        (
+            r#"{"phone": "+15555215554", "forse": true}"#,
+            "unknown field `forse`",
+        ),
+    ] {
+        let r = s.post_raw("/v1/verifications", body).await;
+        assert_eq!(r.status, 400, "{body}: {:?}", r.body);
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(detail.contains(said), "{body}: {detail}");
+        assert!(!detail.contains("struct"), "{body}: {detail}");
+    }
+    assert!(s.provider.sent().is_empty());
     let huge = format!("{{\"phone\": \"{}\"}}", "1".repeat(100 * 1024));
     let r = s.post_raw("/v1/verifications", huge).await;
     assert_eq!((r.status, r.problem_type()), (413, "payload-too-large"));
