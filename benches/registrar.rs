@@ -141,7 +141,7 @@ async fn load(registrations: usize, concurrency: usize, postgres: Option<&str>) 
     let mut config = Config::development(dir.path()).unwrap_or_else(|e| panic!("{e}"));
     let backend = match postgres {
         Some(server) => {
-            config.database_url = postgres_database(server).await;
+            config.database_url = postgres_database(server).await.into();
             config.database_max_connections = 32;
             "PostgreSQL"
         }

@@ -961,7 +961,7 @@ pub struct Config {
     /// Reverse proxies whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<IpNet>,
     /// Database URL.
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     /// Database pool size.
     pub database_max_connections: u32,
     /// Wait for a pooled connection.
@@ -984,6 +984,71 @@ pub struct Config {
     pub events: EventsConfig,
     /// Log filter.
     pub log_filter: String,
+}
+
+/// A database URL, which may hold a password: `Debug` and `Display` show it without one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    /// The URL, password included, for the driver.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let url = &self.0;
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.clone();
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                let shown = if userinfo.contains(':') {
+                    format!("{user}:***")
+                } else {
+                    user.to_owned()
+                };
+                // A password may also come as a query parameter.
+                let path = match path.split_once('?') {
+                    Some((p, q)) if q.contains("password=") => format!("{p}?***"),
+                    _ => path.to_owned(),
+                };
+                format!("{scheme}://{shown}@{host}{path}")
+            }
+            None => match path.split_once('?') {
+                Some((p, q)) if q.contains("password=") => format!("{scheme}://{authority}{p}?***"),
+                _ => url.clone(),
+            },
+        }
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        Self(url)
+    }
+}
+
+impl std::ops::Deref for DatabaseUrl {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl std::fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
 }
 
 /// The validated `[xmpp.component]`.
@@ -1474,7 +1539,7 @@ impl FileConfig {
             max_body_bytes: self.http.max_body_bytes,
             public_url: self.http.public_url.clone(),
             trusted_proxies,
-            database_url,
+            database_url: database_url.into(),
             database_max_connections: self.database.max_connections,
             database_acquire_timeout: Duration::from_secs(self.database.acquire_timeout_seconds),
             settings,
@@ -1495,6 +1560,34 @@ impl FileConfig {
 #[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_database_password_never_prints() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::development(dir.path()).unwrap();
+        for (url, shown) in [
+            (
+                "postgres://registrar:s3cret@db.example.org:5432/registrar?sslmode=require",
+                "postgres://registrar:***@db.example.org:5432/registrar?sslmode=require",
+            ),
+            (
+                "postgres://db.example.org/registrar?user=r&password=s3cret",
+                "postgres://db.example.org/registrar?***",
+            ),
+            ("postgres://registrar@db/r", "postgres://registrar@db/r"),
+            (
+                "sqlite:///var/lib/registrar.db",
+                "sqlite:///var/lib/registrar.db",
+            ),
+        ] {
+            c.database_url = url.to_owned().into();
+            let debug = format!("{c:?}");
+            assert!(!debug.contains("s3cret"), "{debug}");
+            assert!(debug.contains(shown), "{shown} in {debug}");
+            assert_eq!(c.database_url.to_string(), shown);
+            assert_eq!(c.database_url.expose(), url);
+        }
+    }
     use figment::Jail;
 
     fn load_in(jail: &mut Jail, toml: &str) -> Result<Config, ConfigError> {

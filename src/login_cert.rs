@@ -1150,7 +1150,9 @@ fn valid_at<'a>(
     let valid = cert
         .with_policy(policy, t)
         .map_err(|e| LoginCertError::KeyInvalid(e.to_string()))?;
-    if let RevocationStatus::Revoked(_) = valid.revocation_status() {
+    if matches!(valid.revocation_status(), RevocationStatus::Revoked(_))
+        || crate::openpgp::revoked_ahead(cert, policy, now).key
+    {
         return Err(LoginCertError::KeyRevoked);
     }
     if valid.alive().is_err() {
@@ -1169,9 +1171,11 @@ fn identity(
 ) -> Result<LoginIdentity, LoginCertError> {
     let policy = valid.policy();
     let primary = valid.primary_userid().ok().map(|u| u.userid().clone());
+    let revoked = crate::openpgp::revoked_ahead(valid.cert(), policy, now);
     let mut candidates: Vec<(ValidUserIDAmalgamation<'_>, String)> = valid
         .userids()
         .filter(|u| !matches!(u.revocation_status(), RevocationStatus::Revoked(_)))
+        .filter(|u| !revoked.userids.contains(u.userid()))
         .filter_map(|u| {
             let email = u.userid().email().ok().flatten()?;
             let (local, host) = email.rsplit_once('@')?;
@@ -1756,6 +1760,59 @@ mod tests {
             .unwrap()
             .into_der();
         assert_eq!(refused(&der, &trust(&server)), LoginCertError::KeyRevoked);
+    }
+
+    #[test]
+    fn refuses_revocations_dated_a_little_ahead() {
+        // A revocation made by a clock that runs fast (GnuPG dates a same-second one a second
+        // ahead) revokes at once, for the key and for the certified User ID.
+        use pgp::types::ReasonForRevocation;
+        let server = ServerKey::generate(DOMAIN).unwrap();
+        let user = certify(&server, ed25519_user(), &email());
+        let mut signer = user
+            .primary_key()
+            .key()
+            .clone()
+            .parts_into_secret()
+            .unwrap()
+            .into_keypair()
+            .unwrap();
+        let ahead = SystemTime::now() + Duration::from_secs(2);
+        let key_rev = CertRevocationBuilder::new()
+            .set_reason_for_revocation(ReasonForRevocation::KeyCompromised, b"lost")
+            .unwrap()
+            .set_signature_creation_time(ahead)
+            .unwrap()
+            .build(&mut signer, &user, None)
+            .unwrap();
+        let revoked = user.clone().insert_packets(key_rev).unwrap().0;
+        let revoked_der = Draft::new(&revoked, &email(), SystemTime::now(), Style::Standard)
+            .unwrap()
+            .0
+            .finish()
+            .unwrap();
+        assert_eq!(
+            refused(&revoked_der, &trust(&server)),
+            LoginCertError::KeyRevoked
+        );
+        let uid = user.userids().next().unwrap().userid().clone();
+        let uid_rev = UserIDRevocationBuilder::new()
+            .set_reason_for_revocation(ReasonForRevocation::UIDRetired, b"gone")
+            .unwrap()
+            .set_signature_creation_time(ahead)
+            .unwrap()
+            .build(&mut signer, &user, &uid, None)
+            .unwrap();
+        let uid_revoked = user.clone().insert_packets(uid_rev).unwrap().0;
+        let der = Draft::new(&uid_revoked, &email(), SystemTime::now(), Style::Standard)
+            .unwrap()
+            .0
+            .finish()
+            .unwrap();
+        assert_eq!(
+            refused(&der, &trust(&server)).code(),
+            "no-user-id-on-domain"
+        );
     }
 
     #[test]

@@ -653,17 +653,50 @@ pub fn check_user_key(key: &UserKey, email: &str, now: SystemTime) -> Result<(),
     if valid.alive().is_err() {
         return Err(KeyError::NotAlive);
     }
-    if let RevocationStatus::Revoked(_) = valid.revocation_status() {
+    let revoked = revoked_ahead(&key.0, &policy, now);
+    if revoked.key || matches!(valid.revocation_status(), RevocationStatus::Revoked(_)) {
         return Err(KeyError::NotAlive);
     }
     let bound = valid.userids().any(|u| {
         email_matches(u.userid(), email)
             && !matches!(u.revocation_status(), RevocationStatus::Revoked(_))
+            && !revoked.userids.contains(u.userid())
     });
     if !bound {
         return Err(KeyError::NoMatchingUserId(email.to_owned()));
     }
     Ok(())
+}
+
+/// What `cert` has revoked as of a little after `now`: revocations dated ahead by a clock that
+/// runs fast (a phone's, or GnuPG's, which dates a same-second revocation one second ahead)
+/// count, with the allowance key creation gets ([`CLOCK_SKEW`]). A revocation only ever takes
+/// something away, so judging it early is safe.
+pub struct Revoked {
+    /// The primary key is revoked.
+    pub key: bool,
+    /// These User IDs are revoked.
+    pub userids: Vec<pgp::packet::UserID>,
+}
+
+/// See [`Revoked`].
+pub fn revoked_ahead(cert: &Cert, policy: &dyn Policy, now: SystemTime) -> Revoked {
+    let ahead = now + CLOCK_SKEW;
+    let key = matches!(
+        cert.revocation_status(policy, ahead),
+        RevocationStatus::Revoked(_)
+    );
+    let userids = cert
+        .userids()
+        .filter(|u| {
+            matches!(
+                u.revocation_status(policy, ahead),
+                RevocationStatus::Revoked(_)
+            )
+        })
+        .map(|u| u.userid().clone())
+        .collect();
+    Revoked { key, userids }
 }
 
 /// Checks whether `cert` carries a valid certification by `server` on a User ID whose email is
@@ -1050,6 +1083,67 @@ mod tests {
             check_rollover(&public(&new), &old, EMAIL, Some(&public(&old)), true, now),
             Err(RolloverError::NotRevoked)
         );
+    }
+
+    /// `cert` with its User ID `email` (or, with `None`, the key itself) revoked by a
+    /// signature dated `at`.
+    fn revoked_at(cert: &Cert, email: Option<&str>, at: SystemTime) -> Cert {
+        use pgp::types::ReasonForRevocation;
+        let mut signer = cert
+            .primary_key()
+            .key()
+            .clone()
+            .parts_into_secret()
+            .unwrap()
+            .into_keypair()
+            .unwrap();
+        let sig = match email {
+            Some(email) => {
+                let uid = cert
+                    .userids()
+                    .find(|u| email_matches(u.userid(), email))
+                    .unwrap()
+                    .userid()
+                    .clone();
+                UserIDRevocationBuilder::new()
+                    .set_reason_for_revocation(ReasonForRevocation::UIDRetired, b"gone")
+                    .unwrap()
+                    .set_signature_creation_time(at)
+                    .unwrap()
+                    .build(&mut signer, cert, &uid, None)
+                    .unwrap()
+            }
+            None => CertRevocationBuilder::new()
+                .set_reason_for_revocation(ReasonForRevocation::KeyRetired, b"gone")
+                .unwrap()
+                .set_signature_creation_time(at)
+                .unwrap()
+                .build(&mut signer, cert, None)
+                .unwrap(),
+        };
+        cert.clone().insert_packets(sig).unwrap().0
+    }
+
+    #[test]
+    fn revocations_dated_a_little_ahead_still_revoke() {
+        // GnuPG dates a same-second revocation one second ahead; phones' clocks run fast.
+        let now = SystemTime::now();
+        let key = key_at(EMAIL, now - Duration::from_secs(3600));
+        assert_eq!(check_user_key(&public(&key), EMAIL, now), Ok(()));
+        for ahead in [Duration::from_secs(1), Duration::from_secs(600)] {
+            let uid_revoked = revoked_at(&key, Some(EMAIL), now + ahead);
+            assert_eq!(
+                check_user_key(&public(&uid_revoked), EMAIL, now),
+                Err(KeyError::NoMatchingUserId(EMAIL.into())),
+                "{ahead:?}"
+            );
+            let key_revoked = revoked_at(&key, None, now + ahead);
+            assert_eq!(
+                check_user_key(&public(&key_revoked), EMAIL, now),
+                Err(KeyError::NotAlive),
+                "{ahead:?}"
+            );
+        }
     }
 
     #[test]

@@ -712,8 +712,14 @@ impl Provider for GenericProvider {
         } else {
             self.config.success_status.contains(&status.as_u16())
         };
+        // The gateway's answer may echo the message (its code) and the number: never in errors.
+        let body_shown = crate::http::scrub_message(&body, message);
         if !accepted {
-            return Err(crate::http::status_error(&self.config.name, status, &body));
+            return Err(crate::http::status_error(
+                &self.config.name,
+                status,
+                &body_shown,
+            ));
         }
 
         let json = if self.config.success_pointer.is_some() || self.config.id_pointer.is_some() {
@@ -730,7 +736,7 @@ impl Provider for GenericProvider {
                     format!(
                         "HTTP {}: the response is not JSON: {}",
                         status.as_u16(),
-                        crate::http::excerpt(&body)
+                        crate::http::excerpt(&body_shown)
                     ),
                 ));
             };
@@ -742,8 +748,8 @@ impl Provider for GenericProvider {
                     format!(
                         "HTTP {}: {pointer} is {}, expected {expected}: {}",
                         status.as_u16(),
-                        crate::http::excerpt(&found),
-                        crate::http::excerpt(&body)
+                        crate::http::excerpt(&crate::http::scrub_message(&found, message)),
+                        crate::http::excerpt(&body_shown)
                     ),
                 ));
             }

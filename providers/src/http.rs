@@ -59,13 +59,37 @@ pub fn status_kind(status: StatusCode) -> ErrorKind {
     }
 }
 
-/// A failure answered with `status` and `body`.
+/// A failure answered with `status` and `body` (numbers in it scrubbed: error texts often quote
+/// the destination).
 pub fn status_error(provider: &str, status: StatusCode, body: &str) -> ProviderError {
     ProviderError::new(
         provider,
         status_kind(status),
-        format!("HTTP {}: {}", status.as_u16(), excerpt(body)),
+        format!(
+            "HTTP {}: {}",
+            status.as_u16(),
+            excerpt(&scrub_numbers(body))
+        ),
     )
+}
+
+/// `text` with what a message carries that must not reach a log: its text (a gateway may echo
+/// it; it holds the code), the code itself, and the destination, as given and as digits;
+/// then any other long digit run ([`scrub_numbers`]).
+pub fn scrub_message(text: &str, message: &crate::Outgoing) -> String {
+    let digits: String = message.to.chars().filter(char::is_ascii_digit).collect();
+    let mut out = text.to_owned();
+    for (secret, label) in [
+        (message.text.as_str(), "<text>"),
+        (message.code.as_str(), "<code>"),
+        (message.to.as_str(), "<number>"),
+        (digits.as_str(), "<number>"),
+    ] {
+        if !secret.is_empty() {
+            out = out.replace(secret, label);
+        }
+    }
+    scrub_numbers(&out)
 }
 
 /// `text` with every run of seven or more digits (a phone number, perhaps) replaced by
@@ -101,6 +125,30 @@ pub fn scrub_numbers(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn message_parts_are_scrubbed() {
+        let m = crate::Outgoing {
+            to: "+15555215554".into(),
+            challenge: crate::Challenge::Pin,
+            code: "4821".into(),
+            text: "4821 is your code".into(),
+            reference: "r".into(),
+            valid_for: std::time::Duration::from_secs(60),
+            locale: None,
+        };
+        let echoed = "refused 'to=15555215554&text=4821 is your code' for +15555215554, code 4821, id 12345678";
+        let scrubbed = scrub_message(echoed, &m);
+        assert!(!scrubbed.contains("4821"), "{scrubbed}");
+        assert!(!scrubbed.contains("5555215554"), "{scrubbed}");
+        assert!(!scrubbed.contains("12345678"), "{scrubbed}");
+        assert!(
+            scrubbed.contains("<text>") && scrubbed.contains("<code>"),
+            "{scrubbed}"
+        );
+        let e = status_error("p", StatusCode::BAD_REQUEST, "bad number +15555215554");
+        assert!(!e.message.contains("5555215554"), "{e}");
+    }
 
     #[test]
     fn statuses_map_to_kinds() {

@@ -408,6 +408,46 @@ async fn statuses_map_to_error_kinds() {
 }
 
 #[tokio::test]
+async fn errors_never_quote_the_message_its_code_or_the_number() {
+    // Gateways often echo the request in their errors; those texts reach operators' logs.
+    let server = MockServer::start().await;
+    Mock::given(path("/echo"))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_string(
+                "rejected to=15555215554 text=Your code is 123456 (for +15555215554)",
+            ),
+        )
+        .mount(&server)
+        .await;
+    Mock::given(path("/echo-json"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"status": "failed", "to": "+15555215554", "text": "Your code is 123456"}),
+        ))
+        .mount(&server)
+        .await;
+    for (p, extra) in [
+        ("/echo", json!({})),
+        (
+            "/echo-json",
+            json!({"success_pointer": "/status", "success_value": "queued"}),
+        ),
+    ] {
+        let mut c = json!({"name": "echo", "url": format!("{}{p}", server.uri()), "sender": "1"});
+        c.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let e = provider(c)
+            .send(&outgoing("Your code is 123456"))
+            .await
+            .unwrap_err();
+        for secret in ["123456", "5555215554", "Your code is"] {
+            assert!(!e.message.contains(secret), "{p}: {e}");
+        }
+        assert!(e.message.contains("<number>"), "{p}: {e}");
+    }
+}
+
+#[tokio::test]
 async fn timeout_is_transient() {
     let server = MockServer::start().await;
     Mock::given(method("POST"))

@@ -193,13 +193,13 @@ impl TestServer {
         // A restart on the same data directory finds the same PostgreSQL database.
         let remembered = dir.path().join("test-postgres-url");
         if let Ok(url) = std::fs::read_to_string(&remembered) {
-            config.database_url = url;
+            config.database_url = url.into();
         } else if let Some(url) = postgres_database().await {
             std::fs::write(&remembered, &url).unwrap();
-            config.database_url = url;
+            config.database_url = url.into();
         }
         tweak(&mut config);
-        let db_url = config.database_url.clone();
+        let db_url = config.database_url.expose().to_owned();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();

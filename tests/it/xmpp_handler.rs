@@ -28,7 +28,7 @@ async fn setup(tweak: impl FnOnce(&mut Config)) -> Xmpp {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::development(dir.path()).unwrap();
     if let Some(url) = crate::harness::postgres_database().await {
-        config.database_url = url;
+        config.database_url = url.into();
     }
     tweak(&mut config);
     let provider = CapturingProvider::new("capture", "12345");
