@@ -325,8 +325,22 @@ pub struct HttpSection {
     /// The service's public base URL as providers call it (`https://reg.example.org`), for
     /// receipt signatures; default: the request's Host header over http.
     pub public_url: Option<String>,
-    /// Reverse proxies (CIDRs) whose `X-Forwarded-For` header names the client.
+    /// Reverse proxies (CIDRs) whose `proxy_header` names the client.
     pub trusted_proxies: Vec<String>,
+    /// The header the trusted proxies set: `x-forwarded-for` or RFC 7239 `forwarded`.
+    pub proxy_header: ProxyHeader,
+}
+
+/// Which header trusted reverse proxies name the client in. Only that one is read: a client can
+/// send the other through a proxy that leaves it alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProxyHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2`.
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client;proto=https, for=proxy1`.
+    Forwarded,
 }
 
 impl Default for HttpSection {
@@ -336,6 +350,7 @@ impl Default for HttpSection {
             max_body_bytes: 64 * 1024,
             public_url: None,
             trusted_proxies: Vec::new(),
+            proxy_header: ProxyHeader::default(),
         }
     }
 }
@@ -958,8 +973,10 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Public base URL for receipt signatures.
     pub public_url: Option<String>,
-    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    /// Reverse proxies whose `proxy_header` names the client.
     pub trusted_proxies: Vec<IpNet>,
+    /// The header they set.
+    pub proxy_header: ProxyHeader,
     /// Database URL.
     pub database_url: DatabaseUrl,
     /// Database pool size.
@@ -1539,6 +1556,7 @@ impl FileConfig {
             max_body_bytes: self.http.max_body_bytes,
             public_url: self.http.public_url.clone(),
             trusted_proxies,
+            proxy_header: self.http.proxy_header,
             database_url: database_url.into(),
             database_max_connections: self.database.max_connections,
             database_acquire_timeout: Duration::from_secs(self.database.acquire_timeout_seconds),

@@ -332,6 +332,7 @@ impl App {
                 max_body_bytes: self.config.max_body_bytes,
                 public_url: self.config.public_url.clone(),
                 trusted_proxies: self.config.trusted_proxies.clone(),
+                proxy_header: self.config.proxy_header,
                 login: self.config.login.clone(),
             },
         );

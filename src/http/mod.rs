@@ -23,6 +23,7 @@
 //! certificate), so it acts for any account: it answers only the token, or clients in
 //! `login.relay_allowed_ips`, empty by default.
 
+pub mod client_addr;
 pub mod problem;
 mod relay;
 
@@ -62,6 +63,7 @@ pub struct ApiState {
     clock: Arc<dyn Clock>,
     public_url: Option<Arc<str>>,
     trusted_proxies: Arc<[IpNet]>,
+    proxy_header: crate::config::ProxyHeader,
     login_ips: Arc<[IpNet]>,
     relay_ips: Arc<[IpNet]>,
     /// [`token_digest`] of `login.bearer_token`: compared as a MAC so the comparison takes the
@@ -92,8 +94,10 @@ pub struct HttpOptions {
     pub max_body_bytes: usize,
     /// The service's address as providers call it (receipt signatures cover the full URL).
     pub public_url: Option<String>,
-    /// Reverse proxies whose `X-Forwarded-For` names the client.
+    /// Reverse proxies whose `proxy_header` names the client.
     pub trusted_proxies: Vec<IpNet>,
+    /// The header they set.
+    pub proxy_header: crate::config::ProxyHeader,
     /// Who may call the login check.
     pub login: crate::config::LoginAccess,
 }
@@ -119,6 +123,7 @@ pub fn router(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, options: HttpOpt
             .public_url
             .map(|u| Arc::from(u.trim_end_matches('/'))),
         trusted_proxies: options.trusted_proxies.into(),
+        proxy_header: options.proxy_header,
         login_ips: options.login.allowed_ips.into(),
         relay_ips: options.login.relay_allowed_ips.into(),
         login_token: options
@@ -236,28 +241,21 @@ impl ApiState {
         Problem::from_error(&e, self.clock.now())
     }
 
-    /// The client of a request: the peer, or, when the peer is a trusted proxy, the nearest
-    /// address in `X-Forwarded-For` that is not one.
-    fn origin(&self, parts: &axum::http::request::Parts) -> Origin {
+    /// The client of a request: the peer, or, when the peer is a trusted proxy, what the
+    /// proxies say ([`client_addr`]).
+    fn client_addr(&self, parts: &axum::http::request::Parts) -> Option<client_addr::ClientAddr> {
         let peer = parts
             .extensions
-            .get::<ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| crate::registrar::abuse::canonical(c.0.ip()));
-        let trusted = |ip: &std::net::IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
-        let ip = match peer {
-            Some(peer) if trusted(&peer) => parts
-                .headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
-                .map(crate::registrar::abuse::canonical)
-                .rev()
-                .find(|a| !trusted(a))
-                .or(Some(peer)),
-            other => other,
-        };
+            .get::<ConnectInfo<std::net::SocketAddr>>()?
+            .0
+            .ip();
+        let hops = client_addr::hops(&parts.headers, self.proxy_header);
+        Some(client_addr::client(peer, &hops, &self.trusted_proxies))
+    }
+
+    /// The request's [`Origin`].
+    fn origin(&self, parts: &axum::http::request::Parts) -> Origin {
+        let client = self.client_addr(parts);
         let idempotency_key = parts
             .headers
             .get("idempotency-key")
@@ -265,7 +263,8 @@ impl ApiState {
             .map(|k| k.trim().trim_matches('"').to_owned())
             .filter(|k| !k.is_empty() && k.len() <= 255);
         Origin {
-            ip,
+            ip: client.map(|c| c.ip),
+            ip_stand_in: client.is_some_and(|c| c.stand_in),
             jid: None,
             idempotency_key,
         }
@@ -506,8 +505,10 @@ impl ApiState {
     }
 
     fn allowed(&self, parts: &axum::http::request::Parts, networks: &[IpNet]) -> bool {
-        if let Some(ip) = self.origin(parts).ip
-            && networks.iter().any(|n| n.contains(&ip))
+        // A proxy's own address standing in for a client it did not name never counts.
+        if let Some(c) = self.client_addr(parts)
+            && !c.stand_in
+            && networks.iter().any(|n| n.contains(&c.ip))
         {
             return true;
         }

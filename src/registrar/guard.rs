@@ -22,6 +22,9 @@ use crate::store::{RateBucket, SentRecord, SpendRecord, StoreError};
 pub struct Origin {
     /// The client's address (the HTTP API's peer, or the address a trusted proxy forwarded).
     pub ip: Option<IpAddr>,
+    /// `ip` is a proxy's own address standing in for a client the proxy did not name: the
+    /// per-IP limits count by it, `abuse.trusted_ips` never spares it.
+    pub ip_stand_in: bool,
     /// The client's bare JID (XMPP).
     pub jid: Option<String>,
     /// The start request's `Idempotency-Key`.
@@ -148,7 +151,7 @@ impl Registrar {
             };
             let value = match scope {
                 Scope::Ip => match origin.ip {
-                    Some(ip) if !a.lists.ip_trusted(ip) => self.ip_log_id(ip),
+                    Some(ip) if origin.ip_stand_in || !a.lists.ip_trusted(ip) => self.ip_log_id(ip),
                     _ => continue,
                 },
                 Scope::Number => self.secret.pseudonym("phone", phone.as_str()),

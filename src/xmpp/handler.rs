@@ -68,7 +68,7 @@ impl Sender {
         Origin {
             ip: self.ip,
             jid: self.jid.as_ref().map(|j| j.to_bare().to_string()),
-            idempotency_key: None,
+            ..Origin::default()
         }
     }
 }

@@ -593,3 +593,117 @@ async fn a_verification_tells_when_a_call_can_replace_the_message() {
     let text = post_from(&s, &resend, "192.0.2.1", json!({"challenge": "pin"})).await;
     assert_eq!(text.body["limit"], "resend-wait");
 }
+
+/// A request from the loopback proxy with `headers`.
+async fn via_proxy(s: &TestServer, path: &str, headers: &[(&str, &str)], body: Value) -> Reply {
+    let mut r = s.http.post(s.url(path));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    Reply::from(r.json(&body).send().await.unwrap()).await
+}
+
+#[tokio::test]
+async fn clients_behind_proxies_are_found_from_the_right_and_proxies_are_never_allowed() {
+    // Ports and brackets go; entries a client wrote itself, left of what the proxy appended,
+    // do not count.
+    let s = server(|c| c.settings.abuse.start.ip = rate("1/1h")).await;
+    let start = |headers: &'static [(&'static str, &'static str)], n: u32| {
+        let s = &s;
+        async move {
+            via_proxy(
+                s,
+                "/v1/verifications",
+                headers,
+                json!({"phone": it_number(n)}),
+            )
+            .await
+        }
+    };
+    assert_eq!(
+        start(&[("x-forwarded-for", "192.0.2.7:1111")], 0)
+            .await
+            .status,
+        201
+    );
+    let r = start(&[("x-forwarded-for", "198.51.100.1, 192.0.2.7:2222")], 1).await;
+    assert_limited(&r, "ip", Duration::from_secs(3600));
+    assert_eq!(
+        start(&[("x-forwarded-for", "[2001:db8::1]:4711")], 2)
+            .await
+            .status,
+        201
+    );
+    let r = start(&[("x-forwarded-for", "2001:db8::1")], 3).await;
+    assert_limited(&r, "ip", Duration::from_secs(3600));
+    // An entry that names no address stops the walk: the proxy stands in (and is limited).
+    assert_eq!(
+        start(&[("x-forwarded-for", "192.0.2.8, unknown")], 4)
+            .await
+            .status,
+        201
+    );
+    let r = start(&[("x-forwarded-for", "192.0.2.9, garbage")], 5).await;
+    assert_limited(&r, "ip", Duration::from_secs(3600));
+
+    // RFC 7239 Forwarded, when the proxies are configured to set it; then X-Forwarded-For, which
+    // a client could send itself, is not read.
+    let s = server(|c| {
+        c.settings.abuse.start.ip = rate("1/1h");
+        c.proxy_header = kontalk_registrar::config::ProxyHeader::Forwarded;
+    })
+    .await;
+    let r = via_proxy(
+        &s,
+        "/v1/verifications",
+        &[("forwarded", "for=\"[2001:db8::2]:80\";proto=https")],
+        json!({"phone": it_number(6)}),
+    )
+    .await;
+    assert_eq!(r.status, 201);
+    let r = via_proxy(
+        &s,
+        "/v1/verifications",
+        &[
+            ("forwarded", "for=192.0.2.66, for=2001:db8::2"),
+            ("x-forwarded-for", "203.0.113.1"),
+        ],
+        json!({"phone": it_number(7)}),
+    )
+    .await;
+    assert_limited(&r, "ip", Duration::from_secs(3600));
+
+    // The proxy's own address never satisfies an allow-list: not the login check's, not
+    // abuse.trusted_ips.
+    let s = server(|c| {
+        c.settings.abuse.start.ip = rate("1/1h");
+        c.settings.abuse.lists.trusted_ips = vec!["127.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    for headers in [&[][..], &[("x-forwarded-for", "127.0.0.1")][..]] {
+        let login = via_proxy(&s, "/v1/login-certificates/verify", headers, json!({})).await;
+        assert_eq!(login.status, 401, "{headers:?}: {:?}", login.body);
+    }
+    assert_eq!(
+        via_proxy(&s, "/v1/verifications", &[], json!({"phone": it_number(8)}))
+            .await
+            .status,
+        201
+    );
+    let r = via_proxy(&s, "/v1/verifications", &[], json!({"phone": it_number(9)})).await;
+    assert_limited(&r, "ip", Duration::from_secs(3600));
+    // A client the proxy names is judged by its own address.
+    let s = server(|c| c.login.allowed_ips = vec!["192.0.2.50/32".parse().unwrap()]).await;
+    let login = via_proxy(
+        &s,
+        "/v1/login-certificates/verify",
+        &[("x-forwarded-for", "192.0.2.50")],
+        json!({}),
+    )
+    .await;
+    assert_eq!(
+        login.status, 403,
+        "allowed, and the certificate refused: {:?}",
+        login.body
+    );
+}
