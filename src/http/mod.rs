@@ -749,9 +749,21 @@ async fn healthz() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
 
+/// How long readiness waits for the database: a load balancer's check must get an answer
+/// however the database behaves.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn readyz(State(s): State<ApiState>) -> Response {
     let store = s.registrar.store();
-    match store.schema_version().await {
+    let version = tokio::time::timeout(READY_TIMEOUT, store.schema_version())
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::store::StoreError::Unavailable(format!(
+                "the database did not answer within {}s",
+                READY_TIMEOUT.as_secs()
+            )))
+        });
+    match version {
         Ok(version) => Json(json!({
             "status": "ready",
             "database": store.kind(),
@@ -760,11 +772,26 @@ async fn readyz(State(s): State<ApiState>) -> Response {
         .into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            (
+            let now = s.clock.now();
+            let detail = match &e {
+                crate::store::StoreError::Unavailable(why) if why.contains("did not answer") => {
+                    why.clone()
+                }
+                _ => "the database does not answer".to_owned(),
+            };
+            Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "unavailable"})),
+                "database-unavailable",
+                "Not ready",
+                detail,
             )
-                .into_response()
+            .with("status", json!("unavailable"))
+            .with("database", json!(store.kind()))
+            .retry_at(
+                now + chrono::Duration::seconds(crate::registrar::STORE_RETRY_SECS),
+                now,
+            )
+            .into_response()
         }
     }
 }

@@ -114,6 +114,12 @@ impl Problem {
                 detail,
             )
             .with("limit", json!(limit.as_str())),
+            Error::StoreUnavailable { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database-unavailable",
+                "Temporarily unavailable",
+                detail,
+            ),
             Error::LimitsUnavailable { .. } => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "limits-unavailable",
@@ -324,6 +330,11 @@ mod tests {
                 Error::LimitsUnavailable { retry_at: later },
                 503,
                 "limits-unavailable",
+            ),
+            (
+                Error::StoreUnavailable { retry_at: later },
+                503,
+                "database-unavailable",
             ),
             (Error::IdempotencyKeyReused, 422, "idempotency-key-reused"),
             (

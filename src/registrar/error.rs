@@ -153,6 +153,12 @@ pub enum Error {
     /// The account's key changed while the request was served.
     #[error("the account's key changed meanwhile; fetch it and try again")]
     KeyChanged,
+    /// The database cannot be reached right now: nothing was done; try again at `retry_at`.
+    #[error("the service cannot reach its database right now; try again after {}", .retry_at.to_rfc3339())]
+    StoreUnavailable {
+        /// When trying again may succeed.
+        retry_at: DateTime<Utc>,
+    },
     /// A failure inside the service. The detail is logged where it happens, never shown.
     #[error("internal error")]
     Internal,
@@ -242,15 +248,29 @@ impl Error {
         match self {
             Error::RateLimited { retry_at, .. }
             | Error::Locked { retry_at }
-            | Error::LimitsUnavailable { retry_at } => Some(*retry_at),
+            | Error::LimitsUnavailable { retry_at }
+            | Error::StoreUnavailable { retry_at } => Some(*retry_at),
             _ => None,
         }
     }
 }
 
+/// How long a client is told to wait when the database cannot be reached.
+pub const STORE_RETRY_SECS: i64 = 5;
+
 impl From<crate::store::StoreError> for Error {
     fn from(e: crate::store::StoreError) -> Self {
-        tracing::error!(error = %e, "store failure");
-        Error::Internal
+        match e {
+            crate::store::StoreError::Unavailable(_) => {
+                tracing::error!(error = %e, "database unreachable");
+                Error::StoreUnavailable {
+                    retry_at: Utc::now() + chrono::Duration::seconds(STORE_RETRY_SECS),
+                }
+            }
+            e => {
+                tracing::error!(error = %e, "store failure");
+                Error::Internal
+            }
+        }
     }
 }

@@ -31,7 +31,7 @@ use registrar_providers::{
 pub use abuse::AbuseSettings;
 pub use accounts::{Event, RemovalProof, removal_message};
 pub use dispatch::{DispatchSettings, Dispatcher, Route};
-pub use error::{AuthFailure, Error, Limit, LoginRefusal, Refusal};
+pub use error::{AuthFailure, Error, Limit, LoginRefusal, Refusal, STORE_RETRY_SECS};
 pub use guard::{Origin, SpendLine};
 pub use registrar_providers::Challenge;
 pub use templates::Templates;

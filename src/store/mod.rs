@@ -329,7 +329,11 @@ pub enum StoreError {
     /// A uniqueness constraint refused the write (another request won a race).
     #[error("conflicting write")]
     Conflict,
-    /// The database failed or is unreachable.
+    /// The database cannot be reached (no connection within the pool's timeout, a broken
+    /// connection, the server shutting down): try again later.
+    #[error("database unreachable: {0}")]
+    Unavailable(String),
+    /// The database failed.
     #[error("database: {0}")]
     Database(String),
 }

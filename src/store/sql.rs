@@ -7,12 +7,26 @@
 use super::StoreError;
 
 pub(super) fn db(e: sqlx::Error) -> StoreError {
-    if let sqlx::Error::Database(d) = &e
-        && d.is_unique_violation()
-    {
-        return StoreError::Conflict;
+    match &e {
+        sqlx::Error::Database(d) if d.is_unique_violation() => StoreError::Conflict,
+        // PostgreSQL's connection exceptions (class 08) and operator interventions (57P:
+        // shutdown, crash, cannot connect now), SQLite's "busy" beyond the busy timeout.
+        sqlx::Error::Database(d)
+            if d.code()
+                .is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
+                || d.code().as_deref() == Some("5") =>
+        {
+            StoreError::Unavailable(e.to_string())
+        }
+        // Protocol: a server that hangs up in the middle of the handshake or a reply.
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+        _ => StoreError::Database(e.to_string()),
     }
-    StoreError::Database(e.to_string())
 }
 
 /// `SELECT <every verification column> FROM verifications <clause>`, as one literal.

@@ -61,6 +61,7 @@ pub fn from_error(e: &Error, now: DateTime<Utc>) -> StanzaError {
         Error::RateLimited { .. }
         | Error::Locked { .. }
         | Error::LimitsUnavailable { .. }
+        | Error::StoreUnavailable { .. }
         | Error::DeliveryFailed => stanza_error(T::Wait, C::ServiceUnavailable, &text),
         Error::NotFound => stanza_error(T::Cancel, C::ItemNotFound, &text),
         Error::NoProvider(_) => stanza_error(T::Modify, C::NotAcceptable, &text),
@@ -127,6 +128,11 @@ mod tests {
             (Error::BadKey(KeyError::Encoding), T::Modify, C::BadRequest),
             (Error::NoProvider("n".into()), T::Modify, C::NotAcceptable),
             (Error::Internal, T::Wait, C::InternalServerError),
+            (
+                Error::StoreUnavailable { retry_at: later },
+                T::Wait,
+                C::ServiceUnavailable,
+            ),
         ];
         for (e, t, c) in cases {
             let s = from_error(&e, now);

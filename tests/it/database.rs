@@ -366,3 +366,68 @@ async fn key_transfers_are_taken_once_replaced_by_account_and_go_with_the_key() 
     );
     assert_eq!(store.take_key_transfer("t8", now).await.unwrap(), None);
 }
+
+#[tokio::test]
+async fn a_database_outage_is_503_with_retry_after_and_loses_nothing() {
+    // PostgreSQL only (its pass of scripts/test): the service reaches it through a proxy that
+    // the test cuts and restores.
+    let Ok(server) = std::env::var("KONTALK_TEST_POSTGRES") else {
+        return;
+    };
+    let authority = server.rsplit_once('@').map(|(_, a)| a.to_owned()).unwrap();
+    let proxy = CuttableProxy::start(authority.clone()).await;
+    let proxied = format!("127.0.0.1:{}", proxy.port);
+    let s = TestServer::start_with(|c| {
+        let url = c.database_url.expose().replace(&authority, &proxied);
+        c.database_url = url.into();
+        c.database_acquire_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let started = s.start_verification(EMULATOR, false).await;
+    assert_eq!(started.status, 201, "{:?}", started.body);
+    let id = started.body["id"].as_str().unwrap().to_owned();
+
+    // A database that stalls: readiness does not wait for the pool (whose acquire timeout is
+    // 2 s here), it answers after its own second.
+    proxy.hang();
+    let ready = s.get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.problem_type(), "database-unavailable");
+    assert_eq!(
+        ready.body["detail"], "the database did not answer within 1s",
+        "{:?}",
+        ready.body
+    );
+    assert!(ready.retry_after().is_some(), "{:?}", ready.headers);
+    // A database that is gone: every endpoint that needs it says so, and when to try again.
+    proxy.cut();
+    for r in [
+        s.get(&format!("/v1/verifications/{id}")).await,
+        s.start_verification("+15555215556", false).await,
+    ] {
+        assert_eq!(r.status, 503, "{:?}", r.body);
+        assert!(
+            ["database-unavailable", "limits-unavailable"].contains(&r.problem_type()),
+            "{:?}",
+            r.body
+        );
+        assert!(r.retry_after().is_some());
+    }
+
+    // It comes back: nothing was lost, and everything works again.
+    proxy.restore();
+    let mut back = None;
+    for _ in 0..50 {
+        let r = s.get(&format!("/v1/verifications/{id}")).await;
+        if r.status == 200 {
+            back = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let back = back.expect("the verification is there once the database is back");
+    assert_eq!(back.body["status"], "pending");
+    assert_eq!(s.get("/readyz").await.status, 200);
+    let second = s.start_verification("+15555215556", false).await;
+    assert_eq!(second.status, 201, "{:?}", second.body);
+}

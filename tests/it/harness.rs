@@ -453,3 +453,84 @@ impl Drop for Process {
         eprintln!("{} had to be killed", self.1);
     }
 }
+
+/// A TCP forwarder on loopback to `upstream` that can be cut (open connections reset, new ones
+/// dropped at once), hung (every connection held open in silence: a database that stalls) and
+/// restored: a database that goes away and comes back.
+pub struct CuttableProxy {
+    pub port: u16,
+    /// 0: forwarding; 1: cut; 2: hung.
+    state: Arc<std::sync::atomic::AtomicU8>,
+    change: Arc<tokio::sync::Notify>,
+    task: JoinHandle<()>,
+}
+
+impl CuttableProxy {
+    pub async fn start(upstream: String) -> Self {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let change = Arc::new(tokio::sync::Notify::new());
+        let task = {
+            let (state, change) = (state.clone(), change.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    let (upstream, state, change) =
+                        (upstream.clone(), state.clone(), change.clone());
+                    tokio::spawn(async move {
+                        match state.load(Ordering::SeqCst) {
+                            1 => return,
+                            2 => return std::future::pending::<()>().await,
+                            _ => {}
+                        }
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await
+                        else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = change.notified() => {
+                                if state.load(Ordering::SeqCst) == 2 {
+                                    // Hold both ends open, silent.
+                                    std::future::pending::<()>().await;
+                                }
+                            }
+                        }
+                    });
+                }
+            })
+        };
+        Self {
+            port,
+            state,
+            change,
+            task,
+        }
+    }
+
+    fn set(&self, state: u8) {
+        self.state.store(state, std::sync::atomic::Ordering::SeqCst);
+        self.change.notify_waiters();
+    }
+
+    /// Resets every open connection and drops new ones until [`CuttableProxy::restore`].
+    pub fn cut(&self) {
+        self.set(1);
+    }
+
+    /// Holds every connection open without a byte in either direction.
+    pub fn hang(&self) {
+        self.set(2);
+    }
+
+    pub fn restore(&self) {
+        self.set(0);
+    }
+}
+
+impl Drop for CuttableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
