@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use ipnet::IpNet;
 
+use crate::http::serve::Bounds;
 use crate::phone::{NumberType, PhonePolicy};
 use crate::registrar::abuse::{AbuseSettings, Caps, Cost, Limits, Lists, Pumping, Rate};
 use crate::registrar::{CODE_LENGTHS, Challenge, DispatchSettings, Route, Settings, Templates};
@@ -329,6 +330,12 @@ pub struct HttpSection {
     pub trusted_proxies: Vec<String>,
     /// The header the trusted proxies set: `x-forwarded-for` or RFC 7239 `forwarded`.
     pub proxy_header: ProxyHeader,
+    /// Seconds a client has to send a request's head.
+    pub header_timeout_seconds: u64,
+    /// Seconds a request may take, from its head to the answer (its body read included).
+    pub request_timeout_seconds: u64,
+    /// Connections open at once.
+    pub max_connections: usize,
 }
 
 /// Which header trusted reverse proxies name the client in. Only that one is read: a client can
@@ -351,6 +358,9 @@ impl Default for HttpSection {
             public_url: None,
             trusted_proxies: Vec::new(),
             proxy_header: ProxyHeader::default(),
+            header_timeout_seconds: Bounds::default().header_timeout.as_secs(),
+            request_timeout_seconds: Bounds::default().request_timeout.as_secs(),
+            max_connections: Bounds::default().max_connections,
         }
     }
 }
@@ -977,6 +987,8 @@ pub struct Config {
     pub trusted_proxies: Vec<IpNet>,
     /// The header they set.
     pub proxy_header: ProxyHeader,
+    /// Timeouts and the connection limit of the HTTP listener.
+    pub http_bounds: Bounds,
     /// Database URL.
     pub database_url: DatabaseUrl,
     /// Database pool size.
@@ -1456,6 +1468,27 @@ impl FileConfig {
         };
         let abuse = self.abuse.validate(&phone_policy, production)?;
         let trusted_proxies = cidrs("http.trusted_proxies", &self.http.trusted_proxies)?;
+        let h = &self.http;
+        if !(1..=300).contains(&h.header_timeout_seconds) {
+            return Err(bad(
+                "http.header_timeout_seconds",
+                "must be between 1 and 300",
+            ));
+        }
+        if !(1..=3600).contains(&h.request_timeout_seconds) {
+            return Err(bad(
+                "http.request_timeout_seconds",
+                "must be between 1 and 3600",
+            ));
+        }
+        if !(1..=1_000_000).contains(&h.max_connections) {
+            return Err(bad("http.max_connections", "must be between 1 and 1000000"));
+        }
+        let http_bounds = Bounds {
+            header_timeout: Duration::from_secs(h.header_timeout_seconds),
+            request_timeout: Duration::from_secs(h.request_timeout_seconds),
+            max_connections: h.max_connections,
+        };
         let previous_keys = self
             .server
             .previous_keys
@@ -1557,6 +1590,7 @@ impl FileConfig {
             public_url: self.http.public_url.clone(),
             trusted_proxies,
             proxy_header: self.http.proxy_header,
+            http_bounds,
             database_url: database_url.into(),
             database_max_connections: self.database.max_connections,
             database_acquire_timeout: Duration::from_secs(self.database.acquire_timeout_seconds),

@@ -344,11 +344,13 @@ impl App {
             server_key = %self.registrar.server_key().fingerprint(),
             "kontalk-registrar is ready"
         );
-        axum::serve(
+        http::serve::serve(
             listeners.http,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            router,
+            self.config.http_bounds,
+            stopped(stop_rx),
+            Duration::from_secs(30),
         )
-        .with_graceful_shutdown(stopped(stop_rx))
         .await
         .context("HTTP server failed")?;
         purger.abort();

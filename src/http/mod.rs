@@ -26,6 +26,7 @@
 pub mod client_addr;
 pub mod problem;
 mod relay;
+pub mod serve;
 
 use std::sync::Arc;
 
@@ -102,8 +103,8 @@ pub struct HttpOptions {
     pub login: crate::config::LoginAccess,
 }
 
-/// The API's router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so that
-/// the limits see client addresses.
+/// The API's router. Serve it with [`serve::serve`] (or with `ConnectInfo<SocketAddr>` in each
+/// request's extensions some other way) so that the limits see client addresses.
 pub fn router(registrar: Arc<Registrar>, clock: Arc<dyn Clock>, options: HttpOptions) -> Router {
     let max_body_bytes = options.max_body_bytes;
     let domain = registrar.settings().domain.clone();

@@ -957,3 +957,94 @@ async fn a_failed_receipt_allows_an_immediate_resend_through_another_provider() 
         "the wait applies again"
     );
 }
+
+/// Reads from `stream` until the server closes it (or `limit` passes); what it sent.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    tokio::time::timeout(limit, read).await.ok()?;
+    Some(String::from_utf8_lossy(&got).into_owned())
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_connections_are_bounded() {
+    use tokio::io::AsyncWriteExt as _;
+    let s = TestServer::start_with(|c| {
+        c.http_bounds.header_timeout = Duration::from_secs(1);
+        c.http_bounds.request_timeout = Duration::from_secs(1);
+        c.http_bounds.max_connections = 3;
+    })
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    // A client that never finishes its request head is disconnected.
+    let mut slow_head = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow_head
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let said = read_until_closed(&mut slow_head, Duration::from_secs(10))
+        .await
+        .expect("a client that never finishes its headers is disconnected");
+    assert!(!said.contains("200 OK"), "{said}");
+    // A client that trickles its body gets 408 once the request took too long.
+    let mut slow_body = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow_body
+        .write_all(
+            b"POST /v1/verifications HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"phone\"",
+        )
+        .await
+        .unwrap();
+    let said = read_until_closed(&mut slow_body, Duration::from_secs(10))
+        .await
+        .expect("a client that trickles its body is answered and disconnected");
+    assert!(said.starts_with("HTTP/1.1 408"), "{said}");
+    assert!(said.contains("request-timeout"), "{said}");
+    assert!(s.provider.sent().is_empty());
+
+    // Three connections at most: a fourth is closed at once, and served again once one goes.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        // Each sends a whole request and keeps the connection alive.
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        held.push(c);
+    }
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut refused = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = refused
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        read_until_closed(&mut refused, Duration::from_secs(10)).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        r.as_deref(),
+        Some(""),
+        "the fourth connection is closed unanswered"
+    );
+    drop(held);
+    let mut ok = None;
+    for _ in 0..50 {
+        if let Ok(r) = s.http.get(s.url("/healthz")).send().await
+            && r.status() == 200
+        {
+            ok = Some(());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok.is_some(), "served again once connections are free");
+}
