@@ -181,6 +181,9 @@ pub struct AccountsSection {
     pub key_retrievals_per_ip: String,
     /// Private key retrievals in total.
     pub key_retrievals_global: String,
+    /// Requests on registered accounts (rollover, removal, key upload) per client address (or
+    /// JID).
+    pub requests_per_client: String,
 }
 
 impl Default for AccountsSection {
@@ -192,6 +195,7 @@ impl Default for AccountsSection {
             key_transfer_seconds: s.key_transfer_lifetime.as_secs(),
             key_retrievals_per_ip: show(s.key_retrievals_per_ip),
             key_retrievals_global: show(s.key_retrievals_global),
+            requests_per_client: show(s.account_requests_per_client),
         }
     }
 }
@@ -1535,6 +1539,10 @@ impl FileConfig {
             "accounts.key_retrievals_global",
             &self.accounts.key_retrievals_global,
         )?;
+        let account_requests_per_client = rate(
+            "accounts.requests_per_client",
+            &self.accounts.requests_per_client,
+        )?;
         let e = &self.events;
         if let Some(u) = &e.webhook_url
             && !(u.starts_with("https://") || u.starts_with("http://"))
@@ -1577,6 +1585,7 @@ impl FileConfig {
             key_transfer_lifetime: Duration::from_secs(self.accounts.key_transfer_seconds),
             key_retrievals_per_ip,
             key_retrievals_global,
+            account_requests_per_client,
         };
         Ok(Config {
             mode: self.mode,

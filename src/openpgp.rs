@@ -413,6 +413,32 @@ pub fn check_rollover(
     if new_cert.fingerprint() == old.fingerprint() {
         return Err(RolloverError::SameKey);
     }
+    let signer = old.primary_key().key();
+    let certified = new_cert
+        .userids()
+        .filter(|u| email_matches(u.userid(), email))
+        .any(|u| {
+            u.certifications().any(|sig| {
+                matches!(
+                    sig.typ(),
+                    SignatureType::GenericCertification
+                        | SignatureType::PersonaCertification
+                        | SignatureType::CasualCertification
+                        | SignatureType::PositiveCertification
+                ) && policy.signature(sig, Default::default()).is_ok()
+                    && sig.signature_alive(now, CLOCK_SKEW).is_ok()
+                    && sig
+                        .clone()
+                        .verify_userid_binding(signer, new_cert.primary_key().key(), u.userid())
+                        .is_ok()
+            })
+        });
+    // Without the session's proof, the certification by the old key is checked first: a
+    // requester without the old key learns nothing else (not whether the account exists, nor
+    // its key's age).
+    if !certified && !old_key_session {
+        return Err(RolloverError::NotSignedByOldKey(email.to_owned()));
+    }
     if new_cert.primary_key().key().creation_time() <= old.primary_key().key().creation_time() {
         return Err(RolloverError::NotNewer);
     }
@@ -437,26 +463,6 @@ pub fn check_rollover(
             return Ok(());
         }
     }
-    let signer = old.primary_key().key();
-    let certified = new_cert
-        .userids()
-        .filter(|u| email_matches(u.userid(), email))
-        .any(|u| {
-            u.certifications().any(|sig| {
-                matches!(
-                    sig.typ(),
-                    SignatureType::GenericCertification
-                        | SignatureType::PersonaCertification
-                        | SignatureType::CasualCertification
-                        | SignatureType::PositiveCertification
-                ) && policy.signature(sig, Default::default()).is_ok()
-                    && sig.signature_alive(now, CLOCK_SKEW).is_ok()
-                    && sig
-                        .clone()
-                        .verify_userid_binding(signer, new_cert.primary_key().key(), u.userid())
-                        .is_ok()
-            })
-        });
     if !certified {
         return Err(RolloverError::NotSignedByOldKey(email.to_owned()));
     }

@@ -573,6 +573,7 @@ struct RolloverBody {
 
 async fn roll_over(
     State(s): State<ApiState>,
+    Client(origin): Client,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<RolloverBody>,
 ) -> Response {
@@ -581,6 +582,8 @@ async fn roll_over(
         Err(p) => return p.into_response(),
     };
     let result = async {
+        // Counted before any key is parsed.
+        s.registrar.throttle_account_request(&origin).await?;
         let key = UserKey::parse(&body.public_key)?;
         let revoked = body.revoked.as_deref().map(UserKey::parse).transpose()?;
         s.registrar.roll_over(&account, key, revoked, None).await
@@ -617,6 +620,7 @@ fn signature_bytes(text: &str) -> Result<Vec<u8>, Error> {
 
 async fn remove(
     State(s): State<ApiState>,
+    Client(origin): Client,
     Path(id): Path<String>,
     ApiJson(body): ApiJson<RemovalBody>,
 ) -> Response {
@@ -625,6 +629,8 @@ async fn remove(
         Err(p) => return p.into_response(),
     };
     let result = async {
+        // Counted before the signature is parsed.
+        s.registrar.throttle_account_request(&origin).await?;
         let proof = RemovalProof::Signed {
             timestamp: body.timestamp,
             nonce: body.nonce,

@@ -177,33 +177,41 @@ impl Registrar {
         revoked: Option<UserKey>,
         login_fingerprint: Option<&str>,
     ) -> Result<Registered, Error> {
-        let record = self
-            .store
-            .account(account.as_str())
-            .await?
-            .ok_or(Error::NoAccount)?;
         let email = account.jid(&self.settings.domain);
         let now = self.clock.now();
         let when = SystemTime::from(now);
-        let old = openpgp::parse_cert(&record.public_key).map_err(|e| {
-            tracing::error!(account = %account, error = %e, "stored key does not parse");
-            Error::Internal
-        })?;
+        // An account that does not exist is refused as a key its current key did not certify,
+        // after the same work (checked against our own key, which certifies no rollover): the
+        // answers must not tell registered numbers apart.
+        let record = self.store.account(account.as_str()).await?;
+        let old = match &record {
+            Some(r) => openpgp::parse_cert(&r.public_key).map_err(|e| {
+                tracing::error!(account = %account, error = %e, "stored key does not parse");
+                Error::Internal
+            })?,
+            None => self.server_key.public_cert().clone(),
+        };
+        let exists = record.is_some();
         let server = self.server_key.clone();
-        let old_key_session =
-            login_fingerprint.is_some_and(|f| f.eq_ignore_ascii_case(&record.fingerprint));
+        let old_key_session = record.as_ref().is_some_and(|r| {
+            login_fingerprint.is_some_and(|f| f.eq_ignore_ascii_case(&r.fingerprint))
+        });
         let certified = {
             let email = email.clone();
             tokio::task::spawn_blocking(move || -> Result<_, Error> {
                 openpgp::check_user_key(&key, &email, when)?;
-                openpgp::check_rollover(
+                let proof = openpgp::check_rollover(
                     &key,
                     &old,
                     &email,
                     revoked.as_ref(),
                     old_key_session,
                     when,
-                )?;
+                );
+                if !exists {
+                    return Err(openpgp::RolloverError::NotSignedByOldKey(email).into());
+                }
+                proof?;
                 server.certify(&key, &email, when).map_err(|e| {
                     tracing::error!(error = %e, "certification failed");
                     Error::Internal
@@ -214,6 +222,10 @@ impl Registrar {
                 tracing::error!(error = %e, "rollover task failed");
                 Error::Internal
             })??
+        };
+        // Refused above when it did not exist.
+        let Some(record) = record else {
+            return Err(Error::Internal);
         };
         let change = KeyChange {
             old_fingerprint: record.fingerprint.clone(),
@@ -252,13 +264,11 @@ impl Registrar {
         {
             return Err(forbidden(AuthFailure::NotAccountJid));
         }
-        let record = self
-            .store
-            .account(account.as_str())
-            .await?
-            .ok_or(Error::NoAccount)?;
         let now = self.clock.now();
-        if let RemovalProof::Signed {
+        // A signed removal is judged before it is known whether the account exists, and a
+        // missing account is refused exactly as a bad signature: the answers must not tell
+        // registered numbers apart.
+        let record = if let RemovalProof::Signed {
             timestamp,
             nonce,
             signature,
@@ -273,10 +283,16 @@ impl Registrar {
             if timestamp.abs_diff(ts(now)) > max_age.unsigned_abs() {
                 return Err(forbidden(AuthFailure::Stale));
             }
-            let key = openpgp::parse_cert(&record.public_key).map_err(|e| {
-                tracing::error!(account = %account, error = %e, "stored key does not parse");
-                Error::Internal
-            })?;
+            let record = self.store.account(account.as_str()).await?;
+            // Without an account, the signature is still checked (against our own key, which
+            // never signs removals), so that both refusals take the same work.
+            let key = match &record {
+                Some(r) => openpgp::parse_cert(&r.public_key).map_err(|e| {
+                    tracing::error!(account = %account, error = %e, "stored key does not parse");
+                    Error::Internal
+                })?,
+                None => self.server_key.public_cert().clone(),
+            };
             let message = removal_message(&jid, timestamp, &nonce);
             let when = SystemTime::from(now);
             let good = tokio::task::spawn_blocking(move || {
@@ -287,9 +303,9 @@ impl Registrar {
                 tracing::error!(error = %e, "signature task failed");
                 Error::Internal
             })?;
-            if !good {
+            let Some(record) = record.filter(|_| good) else {
                 return Err(forbidden(AuthFailure::BadSignature));
-            }
+            };
             // Kept until the timestamp could no longer be accepted anyway.
             let key = format!("remove:{}:{nonce}", account.as_str());
             if !self
@@ -299,7 +315,13 @@ impl Registrar {
             {
                 return Err(forbidden(AuthFailure::Replayed));
             }
-        }
+            record
+        } else {
+            self.store
+                .account(account.as_str())
+                .await?
+                .ok_or(Error::NoAccount)?
+        };
         if !self
             .store
             .remove_account(

@@ -183,6 +183,61 @@ impl Registrar {
         }
     }
 
+    /// Takes one `action` (a name for the keys and the log) from the client's budget, `per_client`
+    /// (its address, IPv6 by network, as the per-IP limits count; without an address, its JID),
+    /// and from the service's, `global`, before the request is parsed or looked up.
+    pub(super) async fn throttle_client(
+        &self,
+        action: &str,
+        origin: &Origin,
+        per_client: Option<abuse::Rate>,
+        global: Option<abuse::Rate>,
+    ) -> Result<(), Error> {
+        let client = match (origin.ip, &origin.jid) {
+            (Some(ip), _) => Some(self.ip_log_id(ip)),
+            (None, Some(jid)) => Some(self.secret.pseudonym("jid", jid)),
+            (None, None) => None,
+        };
+        let mut buckets = Vec::with_capacity(2);
+        let mut scopes = Vec::with_capacity(2);
+        for (rate, value, scope) in [
+            (per_client, client, Scope::Ip),
+            (global, Some(String::new()), Scope::Global),
+        ] {
+            let (Some(rate), Some(value)) = (rate, value) else {
+                continue;
+            };
+            buckets.push(RateBucket {
+                key: format!("{action}:{}:{value}", scope.as_str()),
+                rate,
+            });
+            scopes.push(scope);
+        }
+        match self.take_buckets(&buckets, &scopes, action).await? {
+            None => Ok(()),
+            Some((scope, retry_at)) => {
+                tracing::info!(action, limit = scope.as_str(), "rate limited");
+                Err(Error::RateLimited {
+                    retry_at,
+                    limit: Limit::Rate(scope),
+                })
+            }
+        }
+    }
+
+    /// Takes one request on a registered account (a key rollover, a removal, a private key
+    /// upload) from the client's budget, before any key or signature is parsed: these requests
+    /// carry proof that is costly to check and they must not tell registered numbers apart.
+    pub async fn throttle_account_request(&self, origin: &Origin) -> Result<(), Error> {
+        self.throttle_client(
+            "account",
+            origin,
+            self.settings.account_requests_per_client,
+            None,
+        )
+        .await
+    }
+
     /// Takes one event from every bucket at once (`scopes[i]` names `buckets[i]`): `None` when
     /// all had one, else the scope that refused and when it will have one again. When the store
     /// cannot count, fails closed or open as configured (`what` names the limits in the log).

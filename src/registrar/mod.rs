@@ -93,6 +93,8 @@ pub struct Settings {
     pub key_retrievals_per_ip: Option<abuse::Rate>,
     /// Key retrievals in total.
     pub key_retrievals_global: Option<abuse::Rate>,
+    /// Requests on registered accounts (rollover, removal, key upload) per client.
+    pub account_requests_per_client: Option<abuse::Rate>,
 }
 
 impl Default for Settings {
@@ -118,6 +120,7 @@ impl Default for Settings {
             key_transfer_lifetime: Duration::from_secs(900),
             key_retrievals_per_ip: Some(abuse::Rate::new(10, Duration::from_secs(3600))),
             key_retrievals_global: Some(abuse::Rate::new(10_000, Duration::from_secs(3600))),
+            account_requests_per_client: Some(abuse::Rate::new(20, Duration::from_secs(3600))),
         }
     }
 }

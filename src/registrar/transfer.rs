@@ -11,11 +11,10 @@
 //! passphrase-protected and whose fingerprint is the account's current key; a newer upload
 //! replaces the older one, and a key replaced since the upload is not handed out.
 
-use super::error::Limit;
 use super::{Error, Registrar, at, secs, ts};
 use crate::openpgp;
 use crate::phone::AccountId;
-use crate::store::{KeyTransferRecord, RateBucket};
+use crate::store::KeyTransferRecord;
 
 /// What the new device receives.
 #[derive(Clone, PartialEq, Eq)]
@@ -141,43 +140,13 @@ impl Registrar {
     }
 
     async fn throttle_retrievals(&self, origin: &super::Origin) -> Result<(), Error> {
-        let limits = [
-            (
-                self.settings.key_retrievals_per_ip,
-                origin.ip.map(|ip| self.ip_log_id(ip)),
-                super::abuse::Scope::Ip,
-            ),
-            (
-                self.settings.key_retrievals_global,
-                Some(String::new()),
-                super::abuse::Scope::Global,
-            ),
-        ];
-        let mut buckets: Vec<RateBucket> = Vec::new();
-        let mut scopes = Vec::new();
-        for (rate, value, scope) in limits {
-            let (Some(rate), Some(value)) = (rate, value) else {
-                continue;
-            };
-            buckets.push(RateBucket {
-                key: format!("key-retrieval:{}:{value}", scope.as_str()),
-                rate,
-            });
-            scopes.push(scope);
-        }
-        match self
-            .take_buckets(&buckets, &scopes, "key retrieval limits")
-            .await?
-        {
-            None => Ok(()),
-            Some((scope, retry_at)) => {
-                tracing::info!(limit = scope.as_str(), "key retrieval rate limited");
-                Err(Error::RateLimited {
-                    retry_at,
-                    limit: Limit::Rate(scope),
-                })
-            }
-        }
+        self.throttle_client(
+            "key-retrieval",
+            origin,
+            self.settings.key_retrievals_per_ip,
+            self.settings.key_retrievals_global,
+        )
+        .await
     }
 }
 

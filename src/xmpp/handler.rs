@@ -320,6 +320,10 @@ impl Handler {
                 revoked,
             } => {
                 let account = self.sender_account(sender).await?;
+                self.registrar
+                    .throttle_account_request(&sender.origin())
+                    .await
+                    .map_err(|e| self.core_error(&e))?;
                 let bad_key = |e| self.core_error(&Error::BadKey(e));
                 let key = UserKey::parse(&public_key).map_err(bad_key)?;
                 let revoked = revoked
@@ -339,6 +343,10 @@ impl Handler {
             }
             Submission::PrivateKey { private_key } => {
                 let account = self.sender_account(sender).await?;
+                self.registrar
+                    .throttle_account_request(&sender.origin())
+                    .await
+                    .map_err(|e| self.core_error(&e))?;
                 let compact: String = private_key
                     .chars()
                     .filter(|c| !c.is_ascii_whitespace())
@@ -353,6 +361,10 @@ impl Handler {
             }
             Submission::Remove => {
                 let account = self.sender_account(sender).await?;
+                self.registrar
+                    .throttle_account_request(&sender.origin())
+                    .await
+                    .map_err(|e| self.core_error(&e))?;
                 let bare = account.jid(&self.registrar.settings().domain);
                 match self
                     .registrar

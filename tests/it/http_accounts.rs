@@ -357,15 +357,18 @@ async fn rollovers_without_the_old_keys_consent_are_refused() {
     assert_eq!(r.status, 422, "{:?}", r.body);
     assert_eq!(r.problem_type(), "bad-key");
 
-    // Unknown account, bad account id, malformed body.
+    // An unknown account is refused as an uncertified key is (the answers do not tell
+    // registered numbers apart); a bad account id, a malformed body.
+    let stranger = user_key(&format!("{}@localhost", "0".repeat(40)));
     let r = put_key(
         &s,
         &format!("/v1/accounts/{}/key", "0".repeat(40)),
-        json!({"public_key": b64(&public(&good))}),
+        json!({"public_key": b64(&public(&stranger))}),
     )
     .await;
-    assert_eq!(r.status, 404, "{:?}", r.body);
-    assert_eq!(r.problem_type(), "no-account");
+    assert_eq!(r.status, 422, "{:?}", r.body);
+    assert_eq!(r.problem_type(), "rollover-refused");
+    assert_eq!(r.body["reason"], "not-signed-by-old-key");
     let r = put_key(
         &s,
         "/v1/accounts/not-an-account/key",
@@ -447,10 +450,10 @@ async fn a_signed_removal_removes_the_account_once() {
     assert_eq!(r.status, 204, "{:?}", r.body);
     assert_eq!(r.body, Value::Null);
     assert_refused(&login(&s, &key).await, "unknown-account");
-    // Gone: the same request finds no account.
+    // Gone: the same request is refused as a bad signature would be.
     let r = delete_with(&s, &account_path(), body.clone()).await;
-    assert_eq!(r.status, 404, "{:?}", r.body);
-    assert_eq!(r.problem_type(), "no-account");
+    assert_eq!(r.status, 403, "{:?}", r.body);
+    assert_eq!(r.body["reason"], "bad-signature");
 
     // Registered again with the same key, the identical request is a replay.
     let again = register_with(&s, EMULATOR, true, &secret).await;
@@ -741,4 +744,68 @@ async fn a_failed_webhook_delivery_is_tried_again() {
     let both = seen.lock().unwrap().clone();
     let again = checked(&both[1]);
     assert_eq!(again, event, "the same event, the same id");
+}
+
+#[tokio::test]
+async fn account_endpoints_do_not_tell_registered_numbers_apart_and_are_limited() {
+    let s = TestServer::start_with(|c| {
+        c.settings.account_requests_per_client = Some("6/1h".parse().unwrap());
+    })
+    .await;
+    let (secret, reply) = s.register(EMULATOR, false).await;
+    let key = certified(&secret, &reply);
+    let unregistered = format!("/v1/accounts/{}", "1".repeat(40));
+    // Garbage, a stranger's signature, a well-formed signature: a registered and an
+    // unregistered account answer alike.
+    let stranger = user_key(&jid());
+    let now = s.clock_now().timestamp();
+    for body in [
+        json!({"timestamp": now, "nonce": "enumeration-probe-01", "signature": "AAAA"}),
+        removal_body(&s, &stranger, &jid(), "enumeration-probe-02", 0),
+    ] {
+        let registered = delete_with(&s, &account_path(), body.to_string()).await;
+        let other = delete_with(&s, &unregistered, body.to_string()).await;
+        assert_eq!(registered.status, 403, "{:?}", registered.body);
+        assert_eq!(
+            (
+                registered.status,
+                registered.problem_type(),
+                &registered.body["reason"]
+            ),
+            (other.status, other.problem_type(), &other.body["reason"]),
+            "{:?} / {:?}",
+            registered.body,
+            other.body
+        );
+    }
+    // Rollover alike: a key the account's key did not certify.
+    let fresh = user_key(&jid());
+    let registered = put_key(&s, &key_path(), json!({"public_key": b64(&public(&fresh))})).await;
+    let other_jid = format!("{}@localhost", "1".repeat(40));
+    let other_key = user_key(&other_jid);
+    let other = put_key(
+        &s,
+        &format!("{unregistered}/key"),
+        json!({"public_key": b64(&public(&other_key))}),
+    )
+    .await;
+    assert_eq!(
+        (
+            registered.status,
+            registered.problem_type(),
+            &registered.body["reason"]
+        ),
+        (other.status, other.problem_type(), &other.body["reason"])
+    );
+    // Six requests on accounts per client an hour here: the seventh waits, before anything is
+    // parsed, and says until when.
+    let r = delete_with(
+        &s,
+        &account_path(),
+        "{\"timestamp\": 1, \"nonce\": \"x\", \"signature\": \"y\"}",
+    )
+    .await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert!(r.retry_after().is_some());
+    let _ = key;
 }

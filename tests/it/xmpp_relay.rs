@@ -665,11 +665,11 @@ async fn the_relay_is_for_the_xmpp_server_only_and_refuses_misuse() {
         ),
         (
             json!({"stanza": body["stanza"], "host": "localhost", "client_ip": "nowhere"}),
-            "JSON",
+            "invalid IP address",
         ),
         (
             json!({"stanza": body["stanza"], "host": "localhost"}),
-            "JSON",
+            "missing field `client_ip`",
         ),
         (
             json!({"stanza": body["stanza"], "host": "localhost", "client_ip": "192.0.2.5", "jid": "@@"}),
