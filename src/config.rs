@@ -184,6 +184,8 @@ pub struct AccountsSection {
     /// Requests on registered accounts (rollover, removal, key upload) per client address (or
     /// JID).
     pub requests_per_client: String,
+    /// Code submissions with a key per client address (or JID), before the key is parsed.
+    pub key_checks_per_client: String,
 }
 
 impl Default for AccountsSection {
@@ -196,6 +198,7 @@ impl Default for AccountsSection {
             key_retrievals_per_ip: show(s.key_retrievals_per_ip),
             key_retrievals_global: show(s.key_retrievals_global),
             requests_per_client: show(s.account_requests_per_client),
+            key_checks_per_client: show(s.key_checks_per_client),
         }
     }
 }
@@ -1543,6 +1546,10 @@ impl FileConfig {
             "accounts.requests_per_client",
             &self.accounts.requests_per_client,
         )?;
+        let key_checks_per_client = rate(
+            "accounts.key_checks_per_client",
+            &self.accounts.key_checks_per_client,
+        )?;
         let e = &self.events;
         if let Some(u) = &e.webhook_url
             && !(u.starts_with("https://") || u.starts_with("http://"))
@@ -1586,6 +1593,7 @@ impl FileConfig {
             key_retrievals_per_ip,
             key_retrievals_global,
             account_requests_per_client,
+            key_checks_per_client,
         };
         Ok(Config {
             mode: self.mode,

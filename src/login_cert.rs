@@ -1127,6 +1127,7 @@ fn parse_extension(value: &[u8]) -> Result<Cert, LoginCertError> {
     if cert.is_tsk() {
         return Err(garbage("it contains secret key material".into()));
     }
+    crate::openpgp::check_complexity(&cert).map_err(|e| garbage(e.to_string()))?;
     Ok(cert)
 }
 

@@ -60,6 +60,58 @@ pub enum KeyError {
     /// No valid User ID names the account.
     #[error("the key has no valid User ID with the email {0}")]
     NoMatchingUserId(String),
+    /// More User IDs, subkeys or signatures than any client's key has: each costs work.
+    #[error("the key has {0}; at most {1} are accepted")]
+    TooComplex(String, usize),
+}
+
+/// The most User IDs (and user attributes) a user's key may have.
+pub const MAX_USER_IDS: usize = 16;
+/// The most subkeys a user's key may have.
+pub const MAX_SUBKEYS: usize = 16;
+/// The most signatures (self-signatures, certifications, revocations, and ones that do not
+/// verify) a user's key may carry.
+pub const MAX_SIGNATURES: usize = 100;
+
+/// Refuses a key with more parts than [`MAX_USER_IDS`], [`MAX_SUBKEYS`] or
+/// [`MAX_SIGNATURES`]: every signature is verified somewhere.
+pub fn check_complexity(cert: &Cert) -> Result<(), KeyError> {
+    let user_ids = cert.userids().count() + cert.user_attributes().count();
+    if user_ids > MAX_USER_IDS {
+        return Err(KeyError::TooComplex(
+            format!("{user_ids} User IDs"),
+            MAX_USER_IDS,
+        ));
+    }
+    let subkeys = cert.keys().subkeys().count();
+    if subkeys > MAX_SUBKEYS {
+        return Err(KeyError::TooComplex(
+            format!("{subkeys} subkeys"),
+            MAX_SUBKEYS,
+        ));
+    }
+    let signatures = cert.primary_key().signatures().count()
+        + cert
+            .userids()
+            .map(|u| u.signatures().count())
+            .sum::<usize>()
+        + cert
+            .user_attributes()
+            .map(|u| u.signatures().count())
+            .sum::<usize>()
+        + cert
+            .keys()
+            .subkeys()
+            .map(|k| k.signatures().count())
+            .sum::<usize>()
+        + cert.bad_signatures().count();
+    if signatures > MAX_SIGNATURES {
+        return Err(KeyError::TooComplex(
+            format!("{signatures} signatures"),
+            MAX_SIGNATURES,
+        ));
+    }
+    Ok(())
 }
 
 /// The server's signing key.
@@ -285,6 +337,7 @@ impl UserKey {
         if cert.is_tsk() {
             return Err(KeyError::SecretMaterial);
         }
+        check_complexity(&cert)?;
         Ok(Self(cert))
     }
 
@@ -293,6 +346,7 @@ impl UserKey {
         if cert.is_tsk() {
             return Err(KeyError::SecretMaterial);
         }
+        check_complexity(&cert)?;
         Ok(Self(cert))
     }
 
@@ -356,6 +410,7 @@ pub fn check_encrypted_secret_key(bytes: &[u8]) -> Result<(String, Vec<u8>), Sec
     if certs.next().is_some() {
         return Err(SecretKeyError::Parse("more than one key".into()));
     }
+    check_complexity(&cert).map_err(|e| SecretKeyError::Parse(e.to_string()))?;
     let mut secrets = 0;
     for key in cert.keys().secret() {
         secrets += 1;
@@ -493,6 +548,16 @@ pub fn verify_detached(signer: &Cert, message: &[u8], signature: &[u8], now: Sys
     }
     if signature.is_empty() || signature.len() > MAX_KEY_BYTES {
         return false;
+    }
+    // Exactly one signature packet: a removal is one signed statement, and every further
+    // packet would cost another verification.
+    match pgp::PacketPile::from_bytes(signature) {
+        Ok(pile)
+            if pile.children().count() == 1
+                && pile
+                    .children()
+                    .all(|p| matches!(p, pgp::Packet::Signature(_))) => {}
+        _ => return false,
     }
     let policy = StandardPolicy::new();
     let Ok(builder) = DetachedVerifierBuilder::from_bytes(signature) else {
@@ -1150,6 +1215,59 @@ mod tests {
                 "{ahead:?}"
             );
         }
+    }
+
+    #[test]
+    fn keys_with_too_many_parts_are_refused() {
+        let now = SystemTime::now();
+        let mut builder = CertBuilder::general_purpose(Some(format!("User <{EMAIL}>")))
+            .set_cipher_suite(CipherSuite::Cv25519)
+            .set_creation_time(now - Duration::from_secs(60));
+        for i in 0..MAX_USER_IDS {
+            builder = builder.add_userid(format!("Alias {i} <{EMAIL}>"));
+        }
+        let (many_uids, _) = builder.generate().unwrap();
+        assert!(matches!(
+            UserKey::from_bytes(&many_uids.strip_secret_key_material().to_vec().unwrap()),
+            Err(KeyError::TooComplex(_, MAX_USER_IDS))
+        ));
+        let mut builder = CertBuilder::general_purpose(Some(format!("User <{EMAIL}>")))
+            .set_cipher_suite(CipherSuite::Cv25519);
+        for _ in 0..MAX_SUBKEYS {
+            builder = builder.add_signing_subkey();
+        }
+        let (many_subkeys, _) = builder.generate().unwrap();
+        let e = UserKey::from_bytes(&many_subkeys.strip_secret_key_material().to_vec().unwrap())
+            .unwrap_err();
+        assert!(matches!(e, KeyError::TooComplex(_, MAX_SUBKEYS)), "{e}");
+        assert!(e.to_string().contains("subkeys"), "{e}");
+        // Many certifications (here: one key certifying the User ID over and over).
+        let key = key_at(EMAIL, now - Duration::from_secs(60));
+        let mut heavy = key.clone();
+        for i in 0..MAX_SIGNATURES {
+            heavy =
+                cross_certify(&key, &heavy, EMAIL, now - Duration::from_secs(i as u64)).unwrap();
+        }
+        let e =
+            UserKey::from_bytes(&heavy.strip_secret_key_material().to_vec().unwrap()).unwrap_err();
+        assert!(matches!(e, KeyError::TooComplex(_, MAX_SIGNATURES)), "{e}");
+        // An ordinary key passes.
+        assert!(UserKey::from_bytes(&key.strip_secret_key_material().to_vec().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn a_detached_signature_is_one_signature() {
+        let now = SystemTime::now();
+        let key = key_at(EMAIL, now - Duration::from_secs(60));
+        let public = key.clone().strip_secret_key_material();
+        let one = sign_detached(&key, b"remove me").unwrap();
+        assert!(verify_detached(&public, b"remove me", &one, now));
+        // Two signatures, even both good, are refused.
+        let mut two = pgp::armor::Reader::from_bytes(&one, pgp::armor::ReaderMode::Tolerant(None));
+        let mut binary = Vec::new();
+        std::io::Read::read_to_end(&mut two, &mut binary).unwrap();
+        let doubled = [binary.clone(), binary].concat();
+        assert!(!verify_detached(&public, b"remove me", &doubled, now));
     }
 
     #[test]

@@ -49,7 +49,6 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::clock::Clock;
-use crate::openpgp::UserKey;
 use crate::phone::AccountId;
 use crate::registrar::{
     Challenge, Code, Error, Origin, Registered, Registrar, RemovalProof, StartRequest,
@@ -448,7 +447,8 @@ async fn verify(
             .code
             .parse()
             .map_err(|e: crate::registrar::BadCode| Error::BadRequest(e.to_string()))?;
-        let key = UserKey::parse(&body.public_key)?;
+        s.registrar.admit_key_check(&origin).await?;
+        let key = s.registrar.parse_key(body.public_key).await?;
         s.registrar.verify(&id, &code, key, &origin).await
     }
     .await;
@@ -584,8 +584,11 @@ async fn roll_over(
     let result = async {
         // Counted before any key is parsed.
         s.registrar.throttle_account_request(&origin).await?;
-        let key = UserKey::parse(&body.public_key)?;
-        let revoked = body.revoked.as_deref().map(UserKey::parse).transpose()?;
+        let key = s.registrar.parse_key(body.public_key).await?;
+        let revoked = match body.revoked {
+            Some(r) => Some(s.registrar.parse_key(r).await?),
+            None => None,
+        };
         s.registrar.roll_over(&account, key, revoked, None).await
     }
     .await;

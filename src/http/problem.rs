@@ -114,6 +114,12 @@ impl Problem {
                 detail,
             )
             .with("limit", json!(limit.as_str())),
+            Error::Busy { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                "Temporarily unavailable",
+                detail,
+            ),
             Error::StoreUnavailable { .. } => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "database-unavailable",
@@ -336,6 +342,7 @@ mod tests {
                 503,
                 "database-unavailable",
             ),
+            (Error::Busy { retry_at: later }, 503, "busy"),
             (Error::IdempotencyKeyReused, 422, "idempotency-key-reused"),
             (
                 Error::NotAllowed(Refusal::CountryNotServed),

@@ -138,19 +138,46 @@ impl Registrar {
         }
     }
 
+    /// Parses a user's key as a transport received it (base64 of the binary key, or armor) on
+    /// the cryptographic pool: parsing checks the key's self-signatures. Callers count the
+    /// request against the client's limits first ([`Registrar::admit_key_check`],
+    /// [`Registrar::throttle_account_request`]).
+    pub async fn parse_key(&self, text: String) -> Result<UserKey, Error> {
+        Ok(self.crypto.run(move || UserKey::parse(&text)).await??)
+    }
+
+    /// Takes one key check (a code submitted with a key or a certificate) from the client's
+    /// budget, before the key is parsed.
+    pub async fn admit_key_check(&self, origin: &super::Origin) -> Result<(), Error> {
+        self.throttle_client("key", origin, self.settings.key_checks_per_client, None)
+            .await
+    }
+
+    /// The key a client presents in its TLS certificate at registration step 2 (see
+    /// [`login_cert::presented_key`]), as a user key; the failed check's code when refused.
+    pub async fn key_from_certificate(
+        &self,
+        certificate: Vec<u8>,
+    ) -> Result<Result<UserKey, &'static str>, Error> {
+        self.crypto
+            .run(move || {
+                login_cert::presented_key(&certificate)
+                    .map_err(|e| e.code())
+                    .and_then(|cert| UserKey::from_cert(cert).map_err(|_| "secret-material"))
+            })
+            .await
+    }
+
     /// Checks a login certificate (PEM or DER): the certificate's own checks (see
     /// [`login_cert::verify`]), then that its key is the account's current key.
     pub async fn check_login(&self, certificate: Vec<u8>) -> Result<LoginIdentity, Error> {
         let trust = self.trust.clone();
         let now = SystemTime::from(self.clock.now());
-        let identity =
-            tokio::task::spawn_blocking(move || login_cert::verify(&certificate, &trust, now))
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "login check task failed");
-                    Error::Internal
-                })?
-                .map_err(|e| Error::LoginRefused(LoginRefusal::Certificate(e)))?;
+        let identity = self
+            .crypto
+            .run(move || login_cert::verify(&certificate, &trust, now))
+            .await?
+            .map_err(|e| Error::LoginRefused(LoginRefusal::Certificate(e)))?;
         let refused = |r: LoginRefusal| {
             tracing::info!(account = %identity.account, check = r.code(), "login refused");
             Err(Error::LoginRefused(r))
@@ -198,30 +225,27 @@ impl Registrar {
         });
         let certified = {
             let email = email.clone();
-            tokio::task::spawn_blocking(move || -> Result<_, Error> {
-                openpgp::check_user_key(&key, &email, when)?;
-                let proof = openpgp::check_rollover(
-                    &key,
-                    &old,
-                    &email,
-                    revoked.as_ref(),
-                    old_key_session,
-                    when,
-                );
-                if !exists {
-                    return Err(openpgp::RolloverError::NotSignedByOldKey(email).into());
-                }
-                proof?;
-                server.certify(&key, &email, when).map_err(|e| {
-                    tracing::error!(error = %e, "certification failed");
-                    Error::Internal
+            self.crypto
+                .run(move || -> Result<_, Error> {
+                    openpgp::check_user_key(&key, &email, when)?;
+                    let proof = openpgp::check_rollover(
+                        &key,
+                        &old,
+                        &email,
+                        revoked.as_ref(),
+                        old_key_session,
+                        when,
+                    );
+                    if !exists {
+                        return Err(openpgp::RolloverError::NotSignedByOldKey(email).into());
+                    }
+                    proof?;
+                    server.certify(&key, &email, when).map_err(|e| {
+                        tracing::error!(error = %e, "certification failed");
+                        Error::Internal
+                    })
                 })
-            })
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "rollover task failed");
-                Error::Internal
-            })??
+                .await??
         };
         // Refused above when it did not exist.
         let Some(record) = record else {
@@ -295,14 +319,10 @@ impl Registrar {
             };
             let message = removal_message(&jid, timestamp, &nonce);
             let when = SystemTime::from(now);
-            let good = tokio::task::spawn_blocking(move || {
-                openpgp::verify_detached(&key, message.as_bytes(), &signature, when)
-            })
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "signature task failed");
-                Error::Internal
-            })?;
+            let good = self
+                .crypto
+                .run(move || openpgp::verify_detached(&key, message.as_bytes(), &signature, when))
+                .await?;
             let Some(record) = record.filter(|_| good) else {
                 return Err(forbidden(AuthFailure::BadSignature));
             };

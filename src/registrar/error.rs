@@ -153,6 +153,12 @@ pub enum Error {
     /// The account's key changed while the request was served.
     #[error("the account's key changed meanwhile; fetch it and try again")]
     KeyChanged,
+    /// The service has more cryptographic work queued than it takes: try again at `retry_at`.
+    #[error("the service is busy; try again after {}", .retry_at.to_rfc3339())]
+    Busy {
+        /// When trying again may succeed.
+        retry_at: DateTime<Utc>,
+    },
     /// The database cannot be reached right now: nothing was done; try again at `retry_at`.
     #[error("the service cannot reach its database right now; try again after {}", .retry_at.to_rfc3339())]
     StoreUnavailable {
@@ -249,6 +255,7 @@ impl Error {
             Error::RateLimited { retry_at, .. }
             | Error::Locked { retry_at }
             | Error::LimitsUnavailable { retry_at }
+            | Error::Busy { retry_at }
             | Error::StoreUnavailable { retry_at } => Some(*retry_at),
             _ => None,
         }

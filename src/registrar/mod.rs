@@ -12,6 +12,7 @@
 
 pub mod abuse;
 mod accounts;
+pub mod crypto;
 pub mod dispatch;
 mod error;
 mod guard;
@@ -95,6 +96,9 @@ pub struct Settings {
     pub key_retrievals_global: Option<abuse::Rate>,
     /// Requests on registered accounts (rollover, removal, key upload) per client.
     pub account_requests_per_client: Option<abuse::Rate>,
+    /// Code submissions with a key (or a certificate) per client, counted before the key is
+    /// parsed.
+    pub key_checks_per_client: Option<abuse::Rate>,
 }
 
 impl Default for Settings {
@@ -121,6 +125,7 @@ impl Default for Settings {
             key_retrievals_per_ip: Some(abuse::Rate::new(10, Duration::from_secs(3600))),
             key_retrievals_global: Some(abuse::Rate::new(10_000, Duration::from_secs(3600))),
             account_requests_per_client: Some(abuse::Rate::new(20, Duration::from_secs(3600))),
+            key_checks_per_client: Some(abuse::Rate::new(60, Duration::from_secs(3600))),
         }
     }
 }
@@ -225,6 +230,7 @@ pub struct Registrar {
     clock: Arc<dyn Clock>,
     trust: Trust,
     events_waker: Arc<tokio::sync::Notify>,
+    crypto: crypto::CryptoPool,
 }
 
 /// The provider name recorded for test numbers.
@@ -271,6 +277,7 @@ impl Registrar {
             clock,
             trust,
             events_waker: Arc::new(tokio::sync::Notify::new()),
+            crypto: crypto::CryptoPool::for_this_machine(),
         }
     }
 
@@ -950,19 +957,6 @@ impl Registrar {
             return self.replay(&v, code, &key);
         }
         let now = self.clock.now();
-        // The key is judged before a try is spent: a bad key says nothing about the code.
-        let key = {
-            let email = email.clone();
-            let when = std::time::SystemTime::from(now);
-            tokio::task::spawn_blocking(move || {
-                openpgp::check_user_key(&key, &email, when).map(|()| key)
-            })
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "key check task failed");
-                Error::Internal
-            })??
-        };
         let exhausted = match requester {
             Requester::Holder => self.locked(&v),
             Requester::Peer(_) => v.total_attempts >= self.settings.max_attempts_total,
@@ -974,8 +968,16 @@ impl Registrar {
         }
         let phone = stored_phone(&v)?;
         // Tries per number (across verifications) and per client, besides the verification's
-        // own budget.
+        // own budget; counted before the key is checked, which costs far more.
         self.throttle(abuse::Action::Check, &phone, origin).await?;
+        // The key is judged before a try is spent: a bad key says nothing about the code.
+        let key = {
+            let email = email.clone();
+            let when = std::time::SystemTime::from(now);
+            self.crypto
+                .run(move || openpgp::check_user_key(&key, &email, when).map(|()| key))
+                .await??
+        };
         // Spend the try before comparing, so that parallel guesses cannot outrun the counter.
         let Some(spent) = self
             .store
@@ -999,12 +1001,9 @@ impl Registrar {
             let when = std::time::SystemTime::from(now);
             let email = email.clone();
             let key = key.clone();
-            tokio::task::spawn_blocking(move || server.certify(&key, &email, when))
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "certification task failed");
-                    Error::Internal
-                })?
+            self.crypto
+                .run(move || server.certify(&key, &email, when))
+                .await?
                 .map_err(|e| {
                     tracing::error!(error = %e, "certification failed");
                     Error::Internal

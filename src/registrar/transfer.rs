@@ -77,14 +77,11 @@ impl Registrar {
             .account(account.as_str())
             .await?
             .ok_or(Error::NoAccount)?;
-        let (fingerprint, private_key) =
-            tokio::task::spawn_blocking(move || openpgp::check_encrypted_secret_key(&private_key))
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "private key check task failed");
-                    Error::Internal
-                })?
-                .map_err(|e| Error::BadRequest(e.to_string()))?;
+        let (fingerprint, private_key) = self
+            .crypto
+            .run(move || openpgp::check_encrypted_secret_key(&private_key))
+            .await?
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
         if !fingerprint.eq_ignore_ascii_case(&record.fingerprint) {
             return Err(Error::BadRequest(
                 "the private key is not the account's current key".into(),

@@ -62,6 +62,7 @@ pub fn from_error(e: &Error, now: DateTime<Utc>) -> StanzaError {
         | Error::Locked { .. }
         | Error::LimitsUnavailable { .. }
         | Error::StoreUnavailable { .. }
+        | Error::Busy { .. }
         | Error::DeliveryFailed => stanza_error(T::Wait, C::ServiceUnavailable, &text),
         Error::NotFound => stanza_error(T::Cancel, C::ItemNotFound, &text),
         Error::NoProvider(_) => stanza_error(T::Modify, C::NotAcceptable, &text),
@@ -130,6 +131,11 @@ mod tests {
             (Error::Internal, T::Wait, C::InternalServerError),
             (
                 Error::StoreUnavailable { retry_at: later },
+                T::Wait,
+                C::ServiceUnavailable,
+            ),
+            (
+                Error::Busy { retry_at: later },
                 T::Wait,
                 C::ServiceUnavailable,
             ),

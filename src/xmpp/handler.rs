@@ -32,7 +32,6 @@ use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use super::errors::{self, bad_request, stanza_error};
 use super::forms::{self, Query, Submission};
 use crate::clock::Clock;
-use crate::login_cert;
 use crate::openpgp::UserKey;
 use crate::phone::AccountId;
 use crate::registrar::{Code, Error, Origin, Registrar, RemovalProof, StartRequest};
@@ -324,12 +323,17 @@ impl Handler {
                     .throttle_account_request(&sender.origin())
                     .await
                     .map_err(|e| self.core_error(&e))?;
-                let bad_key = |e| self.core_error(&Error::BadKey(e));
-                let key = UserKey::parse(&public_key).map_err(bad_key)?;
-                let revoked = revoked
-                    .map(|r| UserKey::parse(&r))
-                    .transpose()
-                    .map_err(bad_key)?;
+                let parse = |text| async {
+                    self.registrar
+                        .parse_key(text)
+                        .await
+                        .map_err(|e| self.core_error(&e))
+                };
+                let key = parse(public_key).await?;
+                let revoked = match revoked {
+                    Some(r) => Some(parse(r).await?),
+                    None => None,
+                };
                 match self
                     .registrar
                     .roll_over(&account, key, revoked, sender.login_fingerprint.as_deref())
@@ -384,10 +388,21 @@ impl Handler {
         sender: &Sender,
         public_key: Option<&str>,
     ) -> Result<UserKey, StanzaError> {
-        let from_form = public_key
-            .map(UserKey::parse)
-            .transpose()
-            .map_err(|e| self.core_error(&Error::BadKey(e)))?;
+        let core_error = |e: Error| self.core_error(&e);
+        // Counted before any key or certificate is parsed.
+        self.registrar
+            .admit_key_check(&sender.origin())
+            .await
+            .map_err(core_error)?;
+        let from_form = match public_key {
+            Some(text) => Some(
+                self.registrar
+                    .parse_key(text.to_owned())
+                    .await
+                    .map_err(core_error)?,
+            ),
+            None => None,
+        };
         let Some(certificate) = sender.certificate.clone() else {
             return from_form.ok_or_else(|| {
                 bad_request(
@@ -396,16 +411,11 @@ impl Handler {
                 )
             });
         };
-        let presented = tokio::task::spawn_blocking(move || {
-            login_cert::presented_key(&certificate)
-                .map_err(|e| e.code())
-                .and_then(|cert| UserKey::from_cert(cert).map_err(|_| "secret-material"))
-        })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "certificate check task failed");
-            self.core_error(&Error::Internal)
-        })?;
+        let presented = self
+            .registrar
+            .key_from_certificate(certificate)
+            .await
+            .map_err(|e| self.core_error(&e))?;
         let key = presented.map_err(|check| {
             tracing::info!(check, "step 2 certificate refused");
             bad_request(INVALID_PUBLIC_KEY)

@@ -1048,3 +1048,36 @@ async fn slow_clients_are_cut_off_and_connections_are_bounded() {
     }
     assert!(ok.is_some(), "served again once connections are free");
 }
+
+#[tokio::test]
+async fn keys_are_parsed_only_within_the_clients_budget() {
+    // Parsing a key checks its signatures: a client that floods junk keys is stopped before
+    // they are parsed, with a time to come back.
+    let s = TestServer::start_with(|c| {
+        c.settings.key_checks_per_client = Some("2/1h".parse().unwrap());
+    })
+    .await;
+    let id = id_of(&s.start_verification(EMULATOR, false).await);
+    let path = format!("/v1/verifications/{id}/code");
+    let junk = json!({"code": "123456", "public_key": "bm90IGEga2V5"});
+    for _ in 0..2 {
+        let r = s.post(&path, junk.clone()).await;
+        assert_eq!(
+            (r.status, r.problem_type()),
+            (422, "bad-key"),
+            "{:?}",
+            r.body
+        );
+    }
+    let r = s.post(&path, junk).await;
+    assert_eq!(
+        (r.status, r.problem_type()),
+        (429, "rate-limited"),
+        "{:?}",
+        r.body
+    );
+    assert!(r.retry_after().is_some());
+    // The verification itself spent no try on them.
+    let status = s.get(&format!("/v1/verifications/{id}")).await;
+    assert_eq!(status.body["attempts_left"], 5, "{:?}", status.body);
+}
