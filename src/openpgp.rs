@@ -446,11 +446,16 @@ pub enum RolloverError {
     /// `revoked` carries no valid revocation.
     #[error("the revoked key carries no valid revocation signature")]
     NotRevoked,
+    /// The new key is one the account used before and retired.
+    #[error("the new key is one this account retired; register it again instead")]
+    RetiredKey,
 }
 
 /// Checks that `new` may replace `old` for `email`: another, newer key, and a proof that the
 /// holder of the old key asks. The proof is a certification of one of `new`'s User IDs naming
-/// `email` by `old`'s primary key; or, when the request comes from a session that logged in with
+/// `email` by `old`'s primary key, made since `old` became the account's key at
+/// `current_since` (so that a proof of an earlier period is not replayed after the account
+/// returned to `old`); or, when the request comes from a session that logged in with
 /// `old` (`old_key_session`: TLS proved the key), `old` with a valid self-revocation in `revoked`,
 /// which is what Kontalk's Android client sends (its new key carries no certification by the old
 /// one). `revoked`, when sent, must be `old` validly revoked either way. The caller checks `new`
@@ -461,6 +466,7 @@ pub fn check_rollover(
     email: &str,
     revoked: Option<&UserKey>,
     old_key_session: bool,
+    current_since: SystemTime,
     now: SystemTime,
 ) -> Result<(), RolloverError> {
     let policy = StandardPolicy::new();
@@ -482,6 +488,11 @@ pub fn check_rollover(
                         | SignatureType::PositiveCertification
                 ) && policy.signature(sig, Default::default()).is_ok()
                     && sig.signature_alive(now, CLOCK_SKEW).is_ok()
+                    // Made while the old key is the account's (a phone's slow clock allowed
+                    // for): a proof from an earlier period of that key is not replayed.
+                    && sig
+                        .signature_creation_time()
+                        .is_some_and(|t| t + CLOCK_SKEW >= current_since)
                     && sig
                         .clone()
                         .verify_userid_binding(signer, new_cert.primary_key().key(), u.userid())
@@ -1045,7 +1056,7 @@ mod tests {
         let new = key_at(EMAIL, t0 + Duration::from_secs(60));
         let signed = cross_certify(&old, &new, EMAIL, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&signed), &old, EMAIL, None, false, now),
+            check_rollover(&public(&signed), &old, EMAIL, None, false, t0, now),
             Ok(())
         );
 
@@ -1058,6 +1069,7 @@ mod tests {
                 EMAIL,
                 Some(&public(&revoked)),
                 false,
+                t0,
                 now
             ),
             Ok(())
@@ -1069,6 +1081,7 @@ mod tests {
                 EMAIL,
                 Some(&public(&old)),
                 false,
+                t0,
                 now
             ),
             Err(RolloverError::NotRevoked)
@@ -1081,6 +1094,7 @@ mod tests {
                 EMAIL,
                 Some(&public(&revoke_superseded(&stranger).unwrap())),
                 false,
+                t0,
                 now
             ),
             Err(RolloverError::RevokedIsNotCurrent)
@@ -1089,12 +1103,12 @@ mod tests {
         // Not certified, certified by another key, or on another User ID.
         let refused = Err(RolloverError::NotSignedByOldKey(EMAIL.into()));
         assert_eq!(
-            check_rollover(&public(&new), &old, EMAIL, None, false, now),
+            check_rollover(&public(&new), &old, EMAIL, None, false, t0, now),
             refused
         );
         let by_stranger = cross_certify(&stranger, &new, EMAIL, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&by_stranger), &old, EMAIL, None, false, now),
+            check_rollover(&public(&by_stranger), &old, EMAIL, None, false, t0, now),
             refused
         );
         let other = "other@localhost";
@@ -1106,19 +1120,19 @@ mod tests {
             .0;
         let wrong_uid = cross_certify(&old, &two, other, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&wrong_uid), &old, EMAIL, None, false, now),
+            check_rollover(&public(&wrong_uid), &old, EMAIL, None, false, t0, now),
             refused
         );
 
         // The same key, or one not newer.
         let same = cross_certify(&old, &old, EMAIL, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&same), &old, EMAIL, None, false, now),
+            check_rollover(&public(&same), &old, EMAIL, None, false, t0, now),
             Err(RolloverError::SameKey)
         );
         let as_old = cross_certify(&old, &key_at(EMAIL, t0), EMAIL, now).unwrap();
         assert_eq!(
-            check_rollover(&public(&as_old), &old, EMAIL, None, false, now),
+            check_rollover(&public(&as_old), &old, EMAIL, None, false, t0, now),
             Err(RolloverError::NotNewer)
         );
         // From a session that logged in with the old key, the old key's revocation is proof
@@ -1131,12 +1145,13 @@ mod tests {
                 EMAIL,
                 Some(&public(&revoked)),
                 true,
+                t0,
                 now
             ),
             Ok(())
         );
         assert_eq!(
-            check_rollover(&public(&new), &old, EMAIL, None, true, now),
+            check_rollover(&public(&new), &old, EMAIL, None, true, t0, now),
             refused
         );
         assert_eq!(
@@ -1146,13 +1161,33 @@ mod tests {
                 EMAIL,
                 Some(&public(&revoked)),
                 false,
+                t0,
                 now
             ),
             refused
         );
         assert_eq!(
-            check_rollover(&public(&new), &old, EMAIL, Some(&public(&old)), true, now),
+            check_rollover(
+                &public(&new),
+                &old,
+                EMAIL,
+                Some(&public(&old)),
+                true,
+                t0,
+                now
+            ),
             Err(RolloverError::NotRevoked)
+        );
+        // A proof from an earlier period of the old key is not replayed: the account went back
+        // to `old` (at `now`) after `signed` was made by it an hour ago.
+        let earlier = cross_certify(&old, &new, EMAIL, now - Duration::from_secs(3600)).unwrap();
+        assert_eq!(
+            check_rollover(&public(&earlier), &old, EMAIL, None, false, now, now),
+            Err(RolloverError::NotSignedByOldKey(EMAIL.into()))
+        );
+        assert_eq!(
+            check_rollover(&public(&earlier), &old, EMAIL, None, false, t0, now),
+            Ok(())
         );
     }
 

@@ -178,6 +178,7 @@ impl Problem {
                     R::NotSignedByOldKey(_) => "not-signed-by-old-key",
                     R::RevokedIsNotCurrent => "revoked-is-not-current",
                     R::NotRevoked => "not-revoked",
+                    R::RetiredKey => "retired-key",
                 };
                 Self::new(
                     StatusCode::UNPROCESSABLE_ENTITY,

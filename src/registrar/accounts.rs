@@ -8,7 +8,7 @@
 //! over [`removal_message`] with a fresh timestamp and a nonce used once. Every change that ends a
 //! key's life writes an event in the same transaction; transports claim and deliver them.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -219,6 +219,17 @@ impl Registrar {
             None => self.server_key.public_cert().clone(),
         };
         let exists = record.is_some();
+        let current_since = record.as_ref().map_or(UNIX_EPOCH, |r| {
+            UNIX_EPOCH + Duration::from_secs(r.updated_at.max(0).unsigned_abs())
+        });
+        let retired = match &record {
+            Some(_) => {
+                self.store
+                    .is_retired_key(account.as_str(), &key.fingerprint())
+                    .await?
+            }
+            None => false,
+        };
         let server = self.server_key.clone();
         let old_key_session = record.as_ref().is_some_and(|r| {
             login_fingerprint.is_some_and(|f| f.eq_ignore_ascii_case(&r.fingerprint))
@@ -234,12 +245,17 @@ impl Registrar {
                         &email,
                         revoked.as_ref(),
                         old_key_session,
+                        current_since,
                         when,
                     );
                     if !exists {
                         return Err(openpgp::RolloverError::NotSignedByOldKey(email).into());
                     }
                     proof?;
+                    // Checked after the proof: only the holder of the current key learns it.
+                    if retired {
+                        return Err(openpgp::RolloverError::RetiredKey.into());
+                    }
                     server.certify(&key, &email, when).map_err(|e| {
                         tracing::error!(error = %e, "certification failed");
                         Error::Internal

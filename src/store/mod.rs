@@ -490,6 +490,10 @@ pub trait Store: Send + Sync {
         notice: &Notice,
     ) -> Result<bool, StoreError>;
 
+    /// Whether `account` has retired the key `fingerprint` (replaced it by a forced
+    /// re-registration or a rollover).
+    async fn is_retired_key(&self, account: &str, fingerprint: &str) -> Result<bool, StoreError>;
+
     /// Stores a key transfer, replacing any earlier one of the same account.
     async fn put_key_transfer(&self, t: &KeyTransferRecord) -> Result<(), StoreError>;
 

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 
-use super::sql::{db, delete_key_transfer, insert_events, migration_error};
+use super::sql::{db, delete_key_transfer, insert_events, migration_error, retire_key};
 use super::{
     AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, EventKind,
     EventRecord, KeyChange, KeyTransferRecord, Notice, RateBucket, Renewal, Requester, SentRecord,

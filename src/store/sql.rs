@@ -93,6 +93,23 @@ macro_rules! delete_key_transfer {
 }
 pub(super) use delete_key_transfer;
 
+/// Records inside transaction `$tx` that `$account` retired the key `$fingerprint` at `$now`.
+macro_rules! retire_key {
+    ($tx:ident, $account:expr, $fingerprint:expr, $now:expr) => {
+        sqlx::query(
+            "INSERT INTO retired_keys (account, fingerprint, retired_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (account, fingerprint) DO UPDATE SET retired_at = excluded.retired_at",
+        )
+        .bind($account)
+        .bind($fingerprint)
+        .bind($now)
+        .execute(&mut *$tx)
+        .await
+        .map_err(db)?;
+    };
+}
+pub(super) use retire_key;
+
 /// Implements [`Store`](super::Store) for `$store` (a struct with a `pool` field).
 macro_rules! sql_store {
     ($store:ident, $row:ty, $begin:literal, $kind:literal, $for_update:literal) => {
@@ -411,6 +428,7 @@ impl Store for $store {
             insert_events!(tx, c.notice, EventKind::KeyReplaced, account, Some(old.as_str()),
                 Some(c.fingerprint.as_str()), c.now);
             delete_key_transfer!(tx, account);
+            retire_key!(tx, account, old.as_str(), c.now);
         }
         sqlx::query(
             "INSERT INTO accounts (id, fingerprint, public_key, created_at, updated_at) \
@@ -763,6 +781,7 @@ impl Store for $store {
             return Ok(false);
         }
         delete_key_transfer!(tx, account);
+        retire_key!(tx, account, c.old_fingerprint.as_str(), c.now);
         insert_events!(tx, c.notice, EventKind::KeyRolledOver, account,
             Some(c.old_fingerprint.as_str()), Some(c.new_fingerprint.as_str()), c.now);
         tx.commit().await.map_err(db)?;
@@ -791,6 +810,7 @@ impl Store for $store {
         for query in [
             "DELETE FROM verifications WHERE account = $1",
             "DELETE FROM key_transfers WHERE account = $1",
+            "DELETE FROM retired_keys WHERE account = $1",
         ] {
             sqlx::query(query)
                 .bind(account)
@@ -802,6 +822,16 @@ impl Store for $store {
             None::<&str>, now);
         tx.commit().await.map_err(db)?;
         Ok(true)
+    }
+
+    async fn is_retired_key(&self, account: &str, fingerprint: &str) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT 1 FROM retired_keys WHERE account = $1 AND fingerprint = $2")
+            .bind(account)
+            .bind(fingerprint)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(row.is_some())
     }
 
     async fn put_key_transfer(&self, t: &KeyTransferRecord) -> Result<(), StoreError> {

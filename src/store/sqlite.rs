@@ -11,7 +11,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use super::sql::{db, delete_key_transfer, insert_events, migration_error};
+use super::sql::{db, delete_key_transfer, insert_events, migration_error, retire_key};
 use super::{
     AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, EventKind,
     EventRecord, KeyChange, KeyTransferRecord, Notice, RateBucket, Renewal, Requester, SentRecord,

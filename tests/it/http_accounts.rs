@@ -809,3 +809,32 @@ async fn account_endpoints_do_not_tell_registered_numbers_apart_and_are_limited(
     assert!(r.retry_after().is_some());
     let _ = key;
 }
+
+#[tokio::test]
+async fn old_rollover_proofs_are_not_replayed_and_retired_keys_do_not_return() {
+    let s = TestServer::start().await;
+    let first = register(&s, false).await;
+    s.clock.advance(Duration::from_secs(120));
+    let second = successor(&s, &first);
+    let proof = json!({"public_key": b64(&public(&second))});
+    let r = put_key(&s, &key_path(), proof.clone()).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // An hour later the user goes back to the first key by registering it again (SMS).
+    s.clock.advance(Duration::from_secs(3600));
+    let back = register_with(&s, EMULATOR, true, &first).await;
+    assert_eq!(back.status, 200, "{:?}", back.body);
+    // Whoever kept the old proof cannot roll the account over to the second key with it.
+    let replayed = put_key(&s, &key_path(), proof).await;
+    assert_eq!(replayed.status, 422, "{:?}", replayed.body);
+    assert_eq!(replayed.body["reason"], "not-signed-by-old-key");
+    // Nor with a fresh proof: the account retired that key.
+    let fresh = openpgp::cross_certify(&first, &second, &jid(), now(&s)).unwrap();
+    let retired = put_key(&s, &key_path(), json!({"public_key": b64(&public(&fresh))})).await;
+    assert_eq!(retired.status, 422, "{:?}", retired.body);
+    assert_eq!(retired.body["reason"], "retired-key");
+    // A new key, handed over now, is fine.
+    s.clock.advance(Duration::from_secs(120));
+    let third = successor(&s, &first);
+    let r = put_key(&s, &key_path(), json!({"public_key": b64(&public(&third))})).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+}
