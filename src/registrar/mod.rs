@@ -461,6 +461,7 @@ impl Registrar {
             client,
             idempotency_key,
             last_sent_at: Some(ts(now)),
+            completing_at: None,
         };
         match self
             .store
@@ -962,9 +963,7 @@ impl Registrar {
             Requester::Peer(_) => v.total_attempts >= self.settings.max_attempts_total,
         };
         if exhausted {
-            return Err(Error::Locked {
-                retry_at: at(v.expires_at),
-            });
+            return self.duplicate_or_locked(&id, code, &key).await;
         }
         let phone = stored_phone(&v)?;
         // Tries per number (across verifications) and per client, besides the verification's
@@ -984,18 +983,15 @@ impl Registrar {
             .take_attempt(&v.id, requester, self.limits(), ts(now))
             .await?
         else {
-            return match self.live(&id).await? {
-                done if done.verified_at.is_some() => self.replay(&done, code, &key),
-                locked => Err(Error::Locked {
-                    retry_at: at(locked.expires_at),
-                }),
-            };
+            return self.duplicate_or_locked(&id, code, &key).await;
         };
         if !self.code_matches(&v, code).await? {
             let attempts_left = self.settings.max_attempts.saturating_sub(spent);
             tracing::info!(verification = %v.id, attempts_left, "wrong code");
             return Err(Error::WrongCode { attempts_left });
         }
+        // Duplicates of this submission that find no try left wait for its result.
+        self.store.mark_completing(&v.id, ts(now)).await?;
         let certified = {
             let server = self.server_key.clone();
             let when = std::time::SystemTime::from(now);
@@ -1049,6 +1045,38 @@ impl Registrar {
                 let done = self.live(&id).await?;
                 self.replay(&done, code, &key)
             }
+        }
+    }
+
+    /// A submission that found no try left: the stored result when the verification is done
+    /// (the same code and key), or, when a correct code is being certified right now (only a
+    /// correct code within the budget marks that), the result once it is there, for a
+    /// duplicate of that submission; else locked. Waiting only follows a correct code someone
+    /// else already submitted, so it tells a guesser nothing.
+    async fn duplicate_or_locked(
+        &self,
+        id: &VerificationId,
+        code: &Code,
+        key: &UserKey,
+    ) -> Result<Registered, Error> {
+        /// How long a duplicate waits for the certification it follows.
+        const WAIT: Duration = Duration::from_secs(10);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.live(id).await?;
+            if v.verified_at.is_some() {
+                return self.replay(&v, code, key);
+            }
+            let same_code = v
+                .code_hash
+                .as_deref()
+                .is_some_and(|h| self.secret.code_matches(&v.id, code.as_str(), h));
+            if v.completing_at.is_none() || !same_code || tokio::time::Instant::now() >= deadline {
+                return Err(Error::Locked {
+                    retry_at: at(v.expires_at),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 

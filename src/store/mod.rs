@@ -67,6 +67,8 @@ pub struct VerificationRecord {
     pub idempotency_key: Option<String>,
     /// When the last message went out.
     pub last_sent_at: Option<i64>,
+    /// When a correct code was found and its key's certification began.
+    pub completing_at: Option<i64>,
 }
 
 /// An account as stored.
@@ -489,6 +491,9 @@ pub trait Store: Send + Sync {
         now: i64,
         notice: &Notice,
     ) -> Result<bool, StoreError>;
+
+    /// Marks that a correct code was found for verification `id` (its key is being certified).
+    async fn mark_completing(&self, id: &str, now: i64) -> Result<(), StoreError>;
 
     /// Whether `account` has retired the key `fingerprint` (replaced it by a forced
     /// re-registration or a rollover).

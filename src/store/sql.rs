@@ -37,7 +37,7 @@ macro_rules! select_verification {
             "provider_ref, sender, attempts, total_attempts, sends, created_at, expires_at, ",
             "next_resend_at, ",
             "verified_at, result_fingerprint, result_key, locale, delivery_state, client, ",
-            "idempotency_key, last_sent_at ",
+            "idempotency_key, last_sent_at, completing_at ",
             "FROM verifications ",
             $clause
         )
@@ -143,6 +143,7 @@ fn verification_from_row(row: &$row) -> Result<VerificationRecord, StoreError> {
         client: row.try_get("client").map_err(get)?,
         idempotency_key: row.try_get("idempotency_key").map_err(get)?,
         last_sent_at: row.try_get("last_sent_at").map_err(get)?,
+        completing_at: row.try_get("completing_at").map_err(get)?,
     })
 }
 
@@ -362,8 +363,8 @@ impl Store for $store {
         let done = sqlx::query(
             "UPDATE verifications SET challenge = $3, code_hash = $4, code_length = $5, \
              expires_at = $6, next_resend_at = $7, sends = sends + 1, provider_ref = NULL, \
-             delivery_state = NULL, delivery_updated_at = NULL, last_sent_at = $8 \
-             WHERE id = $1 AND sends = $2 AND verified_at IS NULL",
+             delivery_state = NULL, delivery_updated_at = NULL, last_sent_at = $8, \
+             completing_at = NULL WHERE id = $1 AND sends = $2 AND verified_at IS NULL",
         )
         .bind(id)
         .bind(i64::from(sends))
@@ -832,6 +833,18 @@ impl Store for $store {
             .await
             .map_err(db)?;
         Ok(row.is_some())
+    }
+
+    async fn mark_completing(&self, id: &str, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE verifications SET completing_at = $2 WHERE id = $1 AND verified_at IS NULL",
+        )
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     async fn put_key_transfer(&self, t: &KeyTransferRecord) -> Result<(), StoreError> {

@@ -694,3 +694,26 @@ async fn remove_from_any_other_jid_removes_nothing() {
     assert_eq!(out.condition, "cancel/item-not-found", "{out:?}");
     assert_eq!(x.stored_fingerprint().await, Some(fingerprint(&key)));
 }
+
+#[tokio::test]
+async fn duplicates_of_a_correct_step_two_all_succeed() {
+    // A client that retries its step 2 while the first is being certified gets the same answer
+    // for every copy, also for those that find no try left.
+    let x = Arc::new(setup(|_| {}).await);
+    let out = x.step1("anon1@localhost/r", EMULATOR, "").await;
+    assert_eq!(out.kind, "result", "{out:?}");
+    let key = public(&user_key(&jid()));
+    let code = x.provider.last_code(EMULATOR).unwrap();
+    let outs = futures::future::join_all((0..12).map(|_| {
+        let (x, code, key) = (x.clone(), code.clone(), key.clone());
+        async move { x.step2("anon2@localhost/r", &code, &key).await }
+    }))
+    .await;
+    let kinds: Vec<&str> = outs.iter().map(|o| o.kind).collect();
+    assert_eq!(kinds, vec!["result"; 12], "{outs:?}");
+    let keys: Vec<_> = outs
+        .iter()
+        .map(|o| field_value(&o.xml, "publickey"))
+        .collect();
+    assert!(keys.windows(2).all(|w| w[0] == w[1]), "one stored result");
+}
