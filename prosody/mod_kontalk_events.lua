@@ -1,5 +1,8 @@
 -- mod_kontalk_events: ends the sessions of a key that stopped working, on kontalk-registrar's
--- events (key-replaced, key-rolled-over, account-removed; see LINK.md section 3).
+-- events (key-replaced, key-rolled-over, account-removed; see LINK.md section 3), and tells an
+-- account's owner when somebody starts a forced re-registration of its number
+-- (reregistration-started: a chat message from the host with the event's text; an event that
+-- came as a message from the registrar's component was told by the component itself).
 --
 -- Every session of the event's JID that logged in (mod_auth_kontalk) with old_fingerprint is
 -- closed with a not-authorized stream error; for account-removed every session of the JID, and
@@ -34,6 +37,7 @@ local cache = require "util.cache";
 local jid_split = require "util.jid".prepped_split;
 local jid_bare = require "util.jid".bare;
 local jid_prep = require "util.jid".prep;
+local st = require "util.stanza";
 local nodeprep = require "util.encodings".stringprep.nodeprep;
 
 local registrar = module:require("kontalk_registrar");
@@ -53,10 +57,11 @@ local reasons = {
 	["account-removed"] = { condition = "not-authorized", text = "Your account was removed" };
 };
 
--- Returns the number of sessions closed.
-local function handle_event(ev)
+-- Returns the number of sessions closed. `told` says the owner was already sent the event's text.
+local function handle_event(ev, told)
 	local reason = reasons[ev.type];
-	if type(ev.id) ~= "string" or not reason then
+	local notice = ev.type == "reregistration-started";
+	if type(ev.id) ~= "string" or not (reason or notice) then
 		module:log("debug", "Ignoring event of type %s", tostring(ev.type));
 		return 0;
 	end
@@ -77,6 +82,15 @@ local function handle_event(ev)
 	if not node and type(ev.account) == "string" then node, host = nodeprep(ev.account), module.host; end
 	if not node or host ~= module.host then
 		module:log("debug", "Event %s is not for an account of %s", ev.id, module.host);
+		return 0;
+	end
+
+	if notice then
+		if not told and type(ev.text) == "string" then
+			module:send(st.message({ from = module.host, to = node .. "@" .. module.host,
+				type = "chat", id = "notice-" .. ev.id }):text_tag("body", ev.text));
+		end
+		module:log("info", "Event %s (%s) for %s", ev.id, ev.type, node);
 		return 0;
 	end
 
@@ -140,6 +154,7 @@ module:hook("message/host", function (event)
 	end
 	local a = ev.attr;
 	handle_event({ id = a.id, type = a.type, account = a.account, jid = a.jid,
-		old_fingerprint = a["old-fingerprint"], new_fingerprint = a["new-fingerprint"], at = a.at });
+		old_fingerprint = a["old-fingerprint"], new_fingerprint = a["new-fingerprint"], at = a.at },
+		true);
 	return true;
 end, 10);

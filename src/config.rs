@@ -430,10 +430,16 @@ pub struct VerificationSection {
     pub resend_wait_max_seconds: u64,
     /// Seconds after a text message before a voice call or missed call may replace it.
     pub call_wait_seconds: u64,
-    /// Code submissions per requester (the HTTP client, or one XMPP JID) before it is refused.
+    /// Digits in the code of a forced re-registration (code_length to 10).
+    pub long_code_length: usize,
+    /// Verifications per number with a short code, as a rate (or "off": always short).
+    pub short_codes_per_number: String,
+    /// Code submissions of a verification's holder before it locks.
     pub max_attempts: u32,
-    /// Code submissions per verification, all requesters together, before it locks.
-    pub max_attempts_total: u32,
+    /// Code submissions of everyone else together.
+    pub max_attempts_others: u32,
+    /// The holder's and the others' code submissions of a forced re-registration (each).
+    pub replacement_attempts: u32,
     /// Challenge when the client names none.
     pub default_challenge: Challenge,
 }
@@ -446,8 +452,11 @@ impl Default for VerificationSection {
             resend_wait_seconds: 60,
             resend_wait_max_seconds: 600,
             call_wait_seconds: 60,
+            long_code_length: 10,
+            short_codes_per_number: "2/1d".into(),
             max_attempts: 5,
-            max_attempts_total: 15,
+            max_attempts_others: 5,
+            replacement_attempts: 3,
             default_challenge: Challenge::Pin,
         }
     }
@@ -1222,10 +1231,22 @@ impl FileConfig {
         if !(1..=20).contains(&v.max_attempts) {
             return Err(bad("verification.max_attempts", "must be between 1 and 20"));
         }
-        if !(v.max_attempts..=100).contains(&v.max_attempts_total) {
+        if !(0..=20).contains(&v.max_attempts_others) {
             return Err(bad(
-                "verification.max_attempts_total",
-                "must be between verification.max_attempts and 100",
+                "verification.max_attempts_others",
+                "must be between 0 and 20",
+            ));
+        }
+        if !(v.code_length..=10).contains(&v.long_code_length) {
+            return Err(bad(
+                "verification.long_code_length",
+                "must be between verification.code_length and 10",
+            ));
+        }
+        if !(1..=v.max_attempts).contains(&v.replacement_attempts) {
+            return Err(bad(
+                "verification.replacement_attempts",
+                "must be between 1 and verification.max_attempts",
             ));
         }
         if !(1024..=1024 * 1024).contains(&self.http.max_body_bytes) {
@@ -1579,8 +1600,14 @@ impl FileConfig {
             resend_wait: Duration::from_secs(v.resend_wait_seconds),
             resend_wait_max: Duration::from_secs(v.resend_wait_max_seconds),
             call_wait: Duration::from_secs(v.call_wait_seconds),
+            long_code_length: v.long_code_length,
+            short_codes_per_number: rate(
+                "verification.short_codes_per_number",
+                &v.short_codes_per_number,
+            )?,
             max_attempts: v.max_attempts,
-            max_attempts_total: v.max_attempts_total,
+            max_attempts_others: v.max_attempts_others,
+            replacement_attempts: v.replacement_attempts,
             open: self.registration.open,
             terms_url: self.registration.terms_url.clone(),
             service_name: self.registration.service_name.clone(),

@@ -373,6 +373,11 @@ impl Provider for CheckMobiProvider {
         &self.challenges
     }
 
+    /// CheckMobi checks its SMS and voice codes and chooses the missed call's caller number.
+    fn sends_our_code(&self, _: Challenge) -> bool {
+        false
+    }
+
     async fn send(&self, message: &Outgoing) -> Result<Delivery, ProviderError> {
         if !self.challenges.contains(&message.challenge) {
             return Err(self.error(

@@ -275,6 +275,14 @@ pub trait Provider: Send + Sync {
         &[Challenge::Pin]
     }
 
+    /// Whether a delivery of `challenge` carries the registrar's own code ([`DeliveredCode::Ours`]),
+    /// rather than one the provider chooses (a missed call's caller number) or checks itself (a
+    /// verify API). The registrar sends only its own, longer code to replace an account's key.
+    fn sends_our_code(&self, challenge: Challenge) -> bool {
+        let _ = challenge;
+        true
+    }
+
     /// Delivers one challenge.
     async fn send(&self, message: &Outgoing) -> Result<Delivery, ProviderError>;
 

@@ -527,6 +527,10 @@ impl Provider for TwilioProvider {
         &self.challenges
     }
 
+    fn sends_our_code(&self, _: Challenge) -> bool {
+        self.mode == TwilioMode::Messaging
+    }
+
     async fn send(&self, message: &Outgoing) -> Result<Delivery, ProviderError> {
         if !self.challenges.contains(&message.challenge) {
             return Err(self.error(

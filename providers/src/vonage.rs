@@ -439,6 +439,10 @@ impl Provider for VonageProvider {
         &self.challenges
     }
 
+    fn sends_our_code(&self, _: Challenge) -> bool {
+        self.mode == VonageMode::Sms
+    }
+
     async fn send(&self, message: &Outgoing) -> Result<Delivery, ProviderError> {
         if !self.challenges.contains(&message.challenge) {
             return Err(self.error(

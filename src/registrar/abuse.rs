@@ -384,7 +384,9 @@ impl Default for AbuseSettings {
         Self {
             start: Limits {
                 ip: per_hour(20),
-                number: per_day(10),
+                // A burst of four, then one per 15 minutes: a stranger's start keeps the number's
+                // owner from starting for at most a quarter of an hour.
+                number: Some(Rate::new(4, Duration::from_secs(3600))),
                 prefix: per_hour(60),
                 country: per_hour(2000),
                 global: per_hour(20_000),

@@ -17,7 +17,7 @@ use super::{AuthFailure, Error, LoginRefusal, Registered, Registrar, at, secs, t
 use crate::login_cert::{self, LoginIdentity, Trust};
 use crate::openpgp::{self, UserKey};
 use crate::phone::AccountId;
-use crate::store::{EventRecord, KeyChange, Notice};
+use crate::store::{EventKind, EventRecord, KeyChange, Notice};
 
 /// How long a claimed event is held before another delivery may try it.
 const EVENT_LEASE: i64 = 60;
@@ -68,7 +68,7 @@ pub struct Event {
     pub row: i64,
     /// The event's id: the same in every sink and every retry (drop duplicates by it).
     pub id: String,
-    /// `key-replaced`, `key-rolled-over` or `account-removed`.
+    /// `key-replaced`, `key-rolled-over`, `account-removed` or `reregistration-started`.
     #[serde(rename = "type")]
     pub kind: &'static str,
     /// The account id.
@@ -81,6 +81,10 @@ pub struct Event {
     pub new_fingerprint: Option<String>,
     /// When it happened.
     pub at: DateTime<Utc>,
+    /// For an event the account's owner is told of (`reregistration-started`): the message to
+    /// send to the account's JID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
     /// Failed deliveries before this one (not shown).
     #[serde(skip)]
     pub attempts: u32,
@@ -388,7 +392,17 @@ impl Registrar {
 
     fn event(&self, r: EventRecord) -> Event {
         let account = AccountId::for_stored(&r.account);
+        let text = (r.kind == EventKind::ReregistrationStarted).then(|| {
+            format!(
+                "{}: someone asked at {} to register your number on another device. If it was \
+                 you, enter there the code sent to your phone. If not, ignore the code and share \
+                 it with nobody: without it your account stays yours, on this device.",
+                self.settings.service_name,
+                at(r.occurred_at).format("%Y-%m-%d %H:%M UTC"),
+            )
+        });
         Event {
+            text,
             row: r.id,
             id: r.event_id,
             kind: r.kind.as_str(),
@@ -420,7 +434,6 @@ impl Registrar {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::EventKind;
 
     #[test]
     fn the_removal_message_is_four_lines() {
@@ -446,5 +459,9 @@ mod tests {
         assert_eq!(EventKind::KeyReplaced.as_str(), "key-replaced");
         assert_eq!(EventKind::KeyRolledOver.as_str(), "key-rolled-over");
         assert_eq!(EventKind::AccountRemoved.as_str(), "account-removed");
+        assert_eq!(
+            EventKind::ReregistrationStarted.as_str(),
+            "reregistration-started"
+        );
     }
 }

@@ -52,6 +52,12 @@ impl Origin {
 /// How long a client is told to wait when the limits cannot be read.
 const UNAVAILABLE_RETRY_SECS: i64 = 30;
 
+/// The scopes a holder's code tries count in: not the number's, which a stranger's guesses could
+/// use up (the holder's own budget per verification bounds them, and starts are limited per
+/// number).
+pub(super) const HOLDER_CHECK_SCOPES: [Scope; 4] =
+    [Scope::Ip, Scope::Prefix, Scope::Country, Scope::Global];
+
 /// One line of the spend report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SpendLine {
@@ -140,12 +146,24 @@ impl Registrar {
         phone: &PhoneNumber,
         origin: &Origin,
     ) -> Result<(), Error> {
+        self.throttle_scopes(action, phone, origin, &Scope::ALL)
+            .await
+    }
+
+    /// [`Registrar::throttle`] in the scopes `only`.
+    pub(super) async fn throttle_scopes(
+        &self,
+        action: Action,
+        phone: &PhoneNumber,
+        origin: &Origin,
+        only: &[Scope],
+    ) -> Result<(), Error> {
         let a = &self.settings.abuse;
         let limits = a.limits(action);
         let (digits, country) = Self::digits_and_country(phone);
         let mut buckets = Vec::with_capacity(5);
         let mut scopes = Vec::with_capacity(5);
-        for scope in Scope::ALL {
+        for scope in only.iter().copied() {
             let Some(rate) = limits.get(scope) else {
                 continue;
             };
@@ -179,6 +197,37 @@ impl Registrar {
                     retry_at,
                     limit: Limit::Rate(scope),
                 })
+            }
+        }
+    }
+
+    /// Whether a new verification of `phone` may get a short code: one from the number's budget
+    /// of short codes (an unreadable budget gives a long code, the safe side).
+    pub(super) async fn short_code_allowed(&self, phone: &PhoneNumber) -> bool {
+        let Some(rate) = self.settings.short_codes_per_number else {
+            return true;
+        };
+        let bucket = RateBucket {
+            key: format!(
+                "short-code:number:{}",
+                self.secret.pseudonym("phone", phone.as_str())
+            ),
+            rate,
+        };
+        let now = self.clock.now().timestamp_millis();
+        match self
+            .store
+            .take_rates(std::slice::from_ref(&bucket), now)
+            .await
+        {
+            Ok(None) => true,
+            Ok(Some(_)) => {
+                tracing::info!(phone = %self.log_id(phone.as_str()), "short codes used up: a long code");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count short codes: a long code");
+                false
             }
         }
     }

@@ -58,6 +58,13 @@ pub struct Settings {
     pub phone_policy: PhonePolicy,
     /// Digits in a generated code.
     pub code_length: usize,
+    /// Digits in a long code: for a forced re-registration, which replaces an account's key, and
+    /// for a number's starts beyond `short_codes_per_number`. Long enough that guessing it within
+    /// the start limits is hopeless (see the README's takeover computation).
+    pub long_code_length: usize,
+    /// Verifications per number that get a short code (`code_length`); beyond, a number under
+    /// attack gets long codes instead of being locked (`None`: always short).
+    pub short_codes_per_number: Option<abuse::Rate>,
     /// How long a code is valid.
     pub lifetime: Duration,
     /// Wait after the first message of a verification before another; it doubles with each
@@ -67,11 +74,14 @@ pub struct Settings {
     pub resend_wait_max: Duration,
     /// Wait after a message before a voice call or missed call may replace it.
     pub call_wait: Duration,
-    /// Code submissions per requester before it is refused (the HTTP client holding the id is
-    /// one requester; over XMPP each JID is one).
+    /// Code submissions of a verification's holder (the HTTP client holding its id, or the
+    /// client that started it submitting from the same address or JID) before it locks.
     pub max_attempts: u32,
-    /// Code submissions per verification, all requesters together, before it locks.
-    pub max_attempts_total: u32,
+    /// Code submissions of everyone else together (each also at most `max_attempts`): they are
+    /// refused once these are spent, but cannot use up the holder's.
+    pub max_attempts_others: u32,
+    /// The holder's and the others' tries of a forced re-registration (each).
+    pub replacement_attempts: u32,
     /// Whether registration is open.
     pub open: bool,
     /// Terms of service the client must accept, if any.
@@ -107,12 +117,15 @@ impl Default for Settings {
             domain: "localhost".into(),
             phone_policy: PhonePolicy::default(),
             code_length: 6,
+            long_code_length: 10,
+            short_codes_per_number: Some(abuse::Rate::new(2, Duration::from_secs(86_400))),
             lifetime: Duration::from_secs(600),
             resend_wait: Duration::from_secs(60),
             resend_wait_max: Duration::from_secs(600),
             call_wait: Duration::from_secs(60),
             max_attempts: 5,
-            max_attempts_total: 15,
+            max_attempts_others: 5,
+            replacement_attempts: 3,
             open: true,
             terms_url: None,
             service_name: "Kontalk".into(),
@@ -233,6 +246,17 @@ pub struct Registrar {
     crypto: crypto::CryptoPool,
 }
 
+/// Whether a delivery must carry our own code (not a provider's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OwnCode {
+    /// Any provider.
+    Any,
+    /// Providers that send our code when one can deliver, else any.
+    Preferred,
+    /// Only providers that send our code.
+    Required,
+}
+
 /// The provider name recorded for test numbers.
 pub const TEST_PROVIDER: &str = "test-number";
 
@@ -329,19 +353,39 @@ impl Registrar {
     }
 
     /// The providers to try for `challenge` to `phone`: with `fallback`, skipping the first
-    /// (or `skip`, the provider of the previous message) when another one can deliver.
+    /// (or `skip`, the provider of the previous message) when another one can deliver. `own_code`
+    /// says whether only providers that deliver our own (long) code may, or should, be used: a
+    /// missed call's few digits or a verify API's code are too short to guard an account.
     fn candidates(
         &self,
         phone: &PhoneNumber,
         challenge: Challenge,
         fallback: bool,
         skip: Option<&str>,
+        own_code: OwnCode,
     ) -> Result<(Vec<Arc<dyn Provider>>, bool), Error> {
         let mut all = self.dispatcher.candidates(phone, challenge);
         if all.is_empty() {
             return Err(Error::NoProvider(format!(
                 "no configured provider can deliver {challenge}"
             )));
+        }
+        if own_code != OwnCode::Any {
+            let ours: Vec<_> = all
+                .iter()
+                .filter(|p| p.sends_our_code(challenge))
+                .cloned()
+                .collect();
+            if !ours.is_empty() || own_code == OwnCode::Required {
+                all = ours;
+            }
+            if all.is_empty() {
+                return Err(Error::NoProvider(format!(
+                    "a forced re-registration needs a code of {} digits from this service, and no \
+                     configured provider delivers one by {challenge}: ask for pin or voice",
+                    self.settings.long_code_length
+                )));
+            }
         }
         if fallback && all.len() > 1 {
             match skip.and_then(|name| all.iter().position(|p| p.name() == name)) {
@@ -358,18 +402,32 @@ impl Registrar {
         Ok((all, can_fallback))
     }
 
-    fn limits(&self) -> TryLimits {
-        TryLimits {
-            per_requester: self.settings.max_attempts,
-            total: self.settings.max_attempts_total,
+    /// The try budgets of `v`: a forced re-registration's are smaller.
+    fn limits(&self, v: &VerificationRecord) -> TryLimits {
+        let s = &self.settings;
+        if v.force {
+            TryLimits {
+                holder: s.replacement_attempts,
+                others: s.replacement_attempts,
+                per_peer: s.replacement_attempts,
+            }
+        } else {
+            TryLimits {
+                holder: s.max_attempts,
+                others: s.max_attempts_others,
+                per_peer: s.max_attempts.min(s.max_attempts_others),
+            }
         }
     }
 
-    /// Whether `v` takes no more codes from its holder: the holder's tries or all requesters'
-    /// tries together are used up.
+    /// Whether `v` takes no more codes from its holder.
     fn locked(&self, v: &VerificationRecord) -> bool {
-        v.attempts >= self.settings.max_attempts
-            || v.total_attempts >= self.settings.max_attempts_total
+        v.attempts >= self.limits(v).holder
+    }
+
+    /// Whether `v` takes no more codes from anyone but its holder.
+    fn closed_to_others(&self, v: &VerificationRecord) -> bool {
+        v.total_attempts.saturating_sub(v.attempts) >= self.limits(v).others
     }
 
     fn log_id(&self, phone: &str) -> String {
@@ -415,11 +473,22 @@ impl Registrar {
         }
         let test = self.is_test_number(req.phone.as_str());
         let challenge = req.challenge.unwrap_or(self.settings.default_challenge);
+        // A forced re-registration always gets a long code; so does a number asked for more
+        // often than short codes are given out (someone may be guessing), when a provider that
+        // sends our own code can deliver it.
+        let own_code = if req.force {
+            OwnCode::Required
+        } else if !test && !self.short_code_allowed(&req.phone).await {
+            OwnCode::Preferred
+        } else {
+            OwnCode::Any
+        };
         let (candidates, can_fallback) = if test {
             (Vec::new(), false)
         } else {
-            self.candidates(&req.phone, challenge, req.fallback, None)?
+            self.candidates(&req.phone, challenge, req.fallback, None, own_code)?
         };
+        let long = own_code != OwnCode::Any;
         let replaces = match self.store.verification_by_phone(req.phone.as_str()).await? {
             Some(old) if old.expires_at > ts(now) && old.verified_at.is_none() => {
                 self.refuse_if_waiting(&old, challenge, now)?;
@@ -435,7 +504,7 @@ impl Registrar {
             self.reserve_message(&req.phone).await?
         };
         let id = VerificationId::generate();
-        let code = self.new_code(req.phone.as_str());
+        let code = self.new_code(req.phone.as_str(), long);
         let record = VerificationRecord {
             id: id.as_str().to_owned(),
             phone: req.phone.as_str().to_owned(),
@@ -497,10 +566,15 @@ impl Registrar {
             "verification started"
         );
         match self.deliver(&record, &code, &candidates).await {
-            Ok(record) => Ok(Verification {
-                can_fallback,
-                ..self.view(&record)
-            }),
+            Ok(record) => {
+                if req.force {
+                    self.tell_owner(&record, now).await;
+                }
+                Ok(Verification {
+                    can_fallback,
+                    ..self.view(&record)
+                })
+            }
             Err(e) => {
                 self.release_message(&reserved).await;
                 // Nothing reached the user: drop the verification so that the client can start
@@ -508,6 +582,32 @@ impl Registrar {
                 self.store.delete_verification(id.as_str()).await?;
                 Err(e)
             }
+        }
+    }
+
+    /// Tells the owner of the account a forced re-registration (`record`, just delivered) would
+    /// replace, if there is one: an event for the sinks, which the XMPP side turns into a message
+    /// to the account. The code is on its way already, so a failure here is logged, not answered.
+    async fn tell_owner(&self, record: &VerificationRecord, now: DateTime<Utc>) {
+        let notice = self.notice();
+        if notice.sinks.is_empty() {
+            return;
+        }
+        match self
+            .store
+            .reregistration_started(&record.account, ts(now), &notice)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(verification = %record.id, "the account's owner is told");
+                self.events_waker.notify_waiters();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                verification = %record.id,
+                error = %e,
+                "cannot record the re-registration event"
+            ),
         }
     }
 
@@ -552,14 +652,19 @@ impl Registrar {
             }))
     }
 
-    /// A fresh code, or a test number's fixed code.
-    fn new_code(&self, phone: &str) -> Code {
+    /// A fresh code (a long one if `long`), or a test number's fixed code.
+    fn new_code(&self, phone: &str, long: bool) -> Code {
+        let length = if long {
+            self.settings.long_code_length
+        } else {
+            self.settings.code_length
+        };
         self.settings
             .abuse
             .test_numbers
             .get(phone)
             .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| Code::generate(self.settings.code_length))
+            .unwrap_or_else(|| Code::generate(length))
     }
 
     /// The wait after the `sends`-th message: the first wait, doubled with each message, capped.
@@ -661,6 +766,15 @@ impl Registrar {
             .deliver(candidates, &message)
             .await
             .map_err(|e| self.delivery_error(record, e))?;
+        if record.force && delivery.code != DeliveredCode::Ours {
+            // `candidates` keeps only providers that say they send our code for a replacement.
+            tracing::error!(
+                verification = %record.id,
+                provider = provider.name(),
+                "a provider sent its own code for a forced re-registration"
+            );
+            return Err(Error::Internal);
+        }
         let (code_hash, code_length) = match &delivery.code {
             DeliveredCode::Ours => (None, record.code_length),
             DeliveredCode::Chosen(chosen) => (
@@ -770,11 +884,7 @@ impl Registrar {
             } else {
                 None
             },
-            attempts_left: self.settings.max_attempts.saturating_sub(v.attempts).min(
-                self.settings
-                    .max_attempts_total
-                    .saturating_sub(v.total_attempts),
-            ),
+            attempts_left: self.limits(v).holder.saturating_sub(v.attempts),
             state,
             can_fallback: false,
             delivery: v.delivery_state.clone(),
@@ -811,6 +921,9 @@ impl Registrar {
         self.check_lists(&phone, origin)?;
         self.throttle(abuse::Action::Resend, &phone, origin).await?;
         let test = self.is_test_number(&v.phone);
+        // The same kind of code as before: long for a forced re-registration, or when the start
+        // got one (a provider's own code, a missed call's digits, counts as short).
+        let long = v.force || v.code_length as usize >= self.settings.long_code_length;
         let (candidates, can_fallback) = if test {
             (Vec::new(), false)
         } else {
@@ -819,6 +932,13 @@ impl Registrar {
                 challenge,
                 fallback || undelivered,
                 v.provider.as_deref(),
+                if v.force {
+                    OwnCode::Required
+                } else if long {
+                    OwnCode::Preferred
+                } else {
+                    OwnCode::Any
+                },
             )?
         };
         let reserved = if test {
@@ -827,7 +947,7 @@ impl Registrar {
             self.check_pumping(&phone).await?;
             self.reserve_message(&phone).await?
         };
-        let code = self.new_code(&v.phone);
+        let code = self.new_code(&v.phone, long);
         let renewal = Renewal {
             challenge,
             code_hash: self.secret.code_hash(&v.id, code.as_str()),
@@ -929,7 +1049,17 @@ impl Registrar {
         let Some(v) = found else {
             return Err(Error::NotFound);
         };
-        // The requester: its JID, or before login (the Prosody relay) its address.
+        // The client that started the verification, asking from the same address (before login,
+        // through the Prosody relay) or the same JID (the component), is its holder.
+        if !origin.ip_stand_in
+            && let Some(client) = self.client_id(origin)
+            && v.client.as_deref() == Some(client.as_str())
+        {
+            return self
+                .check_and_complete(v, code, key, Requester::Holder, origin)
+                .await;
+        }
+        // Anyone else: its JID, or before login its address.
         let requester = match (&origin.jid, origin.ip) {
             (Some(jid), _) => format!("jid:{jid}"),
             (None, Some(ip)) => format!(
@@ -960,15 +1090,21 @@ impl Registrar {
         let now = self.clock.now();
         let exhausted = match requester {
             Requester::Holder => self.locked(&v),
-            Requester::Peer(_) => v.total_attempts >= self.settings.max_attempts_total,
+            Requester::Peer(_) => self.closed_to_others(&v),
         };
         if exhausted {
             return self.duplicate_or_locked(&id, code, &key).await;
         }
         let phone = stored_phone(&v)?;
-        // Tries per number (across verifications) and per client, besides the verification's
-        // own budget; counted before the key is checked, which costs far more.
-        self.throttle(abuse::Action::Check, &phone, origin).await?;
+        // Tries per client, and others' tries per number across verifications, besides the
+        // verification's own budgets; counted before the key is checked, which costs far more.
+        // The holder's tries are not counted per number: a stranger's guesses would use them up.
+        let scopes: &[abuse::Scope] = match requester {
+            Requester::Holder => &guard::HOLDER_CHECK_SCOPES,
+            Requester::Peer(_) => &abuse::Scope::ALL,
+        };
+        self.throttle_scopes(abuse::Action::Check, &phone, origin, scopes)
+            .await?;
         // The key is judged before a try is spent: a bad key says nothing about the code.
         let key = {
             let email = email.clone();
@@ -980,13 +1116,21 @@ impl Registrar {
         // Spend the try before comparing, so that parallel guesses cannot outrun the counter.
         let Some(spent) = self
             .store
-            .take_attempt(&v.id, requester, self.limits(), ts(now))
+            .take_attempt(&v.id, requester, self.limits(&v), ts(now))
             .await?
         else {
             return self.duplicate_or_locked(&id, code, &key).await;
         };
         if !self.code_matches(&v, code).await? {
-            let attempts_left = self.settings.max_attempts.saturating_sub(spent);
+            let limits = self.limits(&v);
+            let attempts_left = match requester {
+                Requester::Holder => limits.holder.saturating_sub(spent),
+                Requester::Peer(_) => limits.per_peer.saturating_sub(spent).min(
+                    limits
+                        .others
+                        .saturating_sub(v.total_attempts.saturating_sub(v.attempts) + 1),
+                ),
+            };
             tracing::info!(verification = %v.id, attempts_left, "wrong code");
             return Err(Error::WrongCode { attempts_left });
         }

@@ -39,9 +39,9 @@ pub struct VerificationRecord {
     pub provider_ref: Option<String>,
     /// Sender id shown to the client.
     pub sender: Option<String>,
-    /// Code submissions so far by the holder of the verification id (the HTTP client).
+    /// Code submissions so far by the holder (see [`Requester::Holder`]).
     pub attempts: u32,
-    /// Code submissions so far by every requester together.
+    /// Code submissions so far by every requester together (the others' are the difference).
     pub total_attempts: u32,
     /// Messages sent so far.
     pub sends: u32,
@@ -210,19 +210,23 @@ pub struct DeliveryRecord {
 /// Who submits a code, for counting tries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Requester<'a> {
-    /// The holder of the verification id (HTTP).
+    /// The verification's holder: the client holding its id (HTTP), or the client that started
+    /// it (the same address before login, the same JID on the component).
     Holder,
-    /// Another party, by a pseudonym (an XMPP JID's keyed hash).
+    /// Another party, by a pseudonym (an XMPP JID's or an address's keyed hash).
     Peer(&'a str),
 }
 
-/// Caps on code tries.
+/// Caps on code tries of one verification. The holder's and the others' budgets are separate,
+/// so that nobody else's wrong guesses can use up the holder's tries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TryLimits {
-    /// Tries per requester.
-    pub per_requester: u32,
-    /// Tries per verification, all requesters together.
-    pub total: u32,
+    /// Tries of the holder.
+    pub holder: u32,
+    /// Tries of everyone else together.
+    pub others: u32,
+    /// Tries of each other requester.
+    pub per_peer: u32,
 }
 
 /// The completion of a verification.
@@ -259,6 +263,9 @@ pub enum EventKind {
     KeyRolledOver,
     /// The account was removed.
     AccountRemoved,
+    /// Somebody started a forced re-registration of the account's number (the key works on
+    /// until a code is entered): its owner is told.
+    ReregistrationStarted,
 }
 
 impl EventKind {
@@ -268,13 +275,19 @@ impl EventKind {
             Self::KeyReplaced => "key-replaced",
             Self::KeyRolledOver => "key-rolled-over",
             Self::AccountRemoved => "account-removed",
+            Self::ReregistrationStarted => "reregistration-started",
         }
     }
 
     fn parse(s: &str) -> Option<Self> {
-        [Self::KeyReplaced, Self::KeyRolledOver, Self::AccountRemoved]
-            .into_iter()
-            .find(|k| k.as_str() == s)
+        [
+            Self::KeyReplaced,
+            Self::KeyRolledOver,
+            Self::AccountRemoved,
+            Self::ReregistrationStarted,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
     }
 }
 
@@ -373,10 +386,10 @@ pub trait Store: Send + Sync {
         account: &str,
     ) -> Result<Option<VerificationRecord>, StoreError>;
 
-    /// Spends one code try of `requester` if neither its budget nor the verification's total is
-    /// used up and the verification is pending and live at `now`: the tries `requester` has
-    /// spent, or `None`. Both counters move in one transaction, so that parallel guesses cannot
-    /// outrun them.
+    /// Spends one code try of `requester` if its budget is not used up (the holder's, or both
+    /// the others' together and this peer's) and the verification is pending and live at `now`:
+    /// the tries `requester` has spent, or `None`. The counters move in one transaction, so that
+    /// parallel guesses cannot outrun them.
     async fn take_attempt(
         &self,
         id: &str,
@@ -480,6 +493,15 @@ pub trait Store: Send + Sync {
     /// Replaces the account's key if it still is `c.old_fingerprint`, recording the event in the
     /// same transaction; whether it did.
     async fn replace_key(&self, account: &str, c: &KeyChange) -> Result<bool, StoreError>;
+
+    /// Records that a forced re-registration of `account` started, for its key's owner, if the
+    /// account exists (with its current key as the old fingerprint); whether it did.
+    async fn reregistration_started(
+        &self,
+        account: &str,
+        now: i64,
+        notice: &Notice,
+    ) -> Result<bool, StoreError>;
 
     /// Deletes the account if its key still is `fingerprint` (and its verifications and key
     /// transfer), recording

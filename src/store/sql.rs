@@ -285,12 +285,11 @@ impl Store for $store {
                 sqlx::query(
                     "UPDATE verifications \
                      SET attempts = attempts + 1, total_attempts = total_attempts + 1 \
-                     WHERE id = $1 AND attempts < $2 AND total_attempts < $3 \
-                     AND verified_at IS NULL AND expires_at > $4 RETURNING attempts",
+                     WHERE id = $1 AND attempts < $2 \
+                     AND verified_at IS NULL AND expires_at > $3 RETURNING attempts",
                 )
                 .bind(id)
-                .bind(i64::from(limits.per_requester))
-                .bind(i64::from(limits.total))
+                .bind(i64::from(limits.holder))
                 .bind(now)
                 .fetch_optional(&self.pool)
                 .await
@@ -298,13 +297,14 @@ impl Store for $store {
             ),
             Requester::Peer(who) => {
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+                // The others' tries are the total less the holder's.
                 let total = sqlx::query(
                     "UPDATE verifications SET total_attempts = total_attempts + 1 \
-                     WHERE id = $1 AND total_attempts < $2 AND verified_at IS NULL \
+                     WHERE id = $1 AND total_attempts - attempts < $2 AND verified_at IS NULL \
                      AND expires_at > $3",
                 )
                 .bind(id)
-                .bind(i64::from(limits.total))
+                .bind(i64::from(limits.others))
                 .bind(now)
                 .execute(&mut *tx)
                 .await
@@ -323,7 +323,7 @@ impl Store for $store {
                     )
                     .bind(id)
                     .bind(who)
-                    .bind(i64::from(limits.per_requester))
+                    .bind(i64::from(limits.per_peer))
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(db)?,
@@ -787,6 +787,34 @@ impl Store for $store {
             Some(c.old_fingerprint.as_str()), Some(c.new_fingerprint.as_str()), c.now);
         tx.commit().await.map_err(db)?;
         Ok(true)
+    }
+
+    async fn reregistration_started(
+        &self,
+        account: &str,
+        now: i64,
+        notice: &Notice,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+        let mut recorded = false;
+        for sink in &notice.sinks {
+            let r = sqlx::query(
+                "INSERT INTO events (event_id, sink, kind, account, old_fingerprint, \
+                 new_fingerprint, occurred_at, next_attempt_at) \
+                 SELECT $1, $2, $3, id, fingerprint, NULL, $5, $5 FROM accounts WHERE id = $4",
+            )
+            .bind(&notice.event_id)
+            .bind(sink)
+            .bind(EventKind::ReregistrationStarted.as_str())
+            .bind(account)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            recorded |= r.rows_affected() > 0;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(recorded)
     }
 
     async fn remove_account(

@@ -28,7 +28,7 @@ use xmpp_parsers::jid::Jid;
 use xmpp_parsers::ping::Ping;
 
 use super::Handler;
-use super::events::event_message;
+use super::events::{event_message, owner_message};
 use crate::config::ComponentConfig;
 use crate::registrar::Registrar;
 
@@ -243,10 +243,19 @@ async fn deliver_events(
         match registrar.claim_events(crate::events::XMPP).await {
             Ok(claimed) => {
                 for event in claimed {
-                    let (sent_tx, sent_rx) = oneshot::channel();
-                    let message = event_message(&event, &me, &to);
-                    let sent = out.send((message.into(), sent_tx)).await.is_ok()
-                        && sent_rx.await.unwrap_or(false);
+                    // The event for the server's module, then, for an event the account's owner
+                    // is told of, the message to the account.
+                    let mut sent = true;
+                    for message in std::iter::once(event_message(&event, &me, &to))
+                        .chain(owner_message(&event, &me))
+                    {
+                        let (sent_tx, sent_rx) = oneshot::channel();
+                        sent = out.send((message.into(), sent_tx)).await.is_ok()
+                            && sent_rx.await.unwrap_or(false);
+                        if !sent {
+                            break;
+                        }
+                    }
                     if sent {
                         tracing::info!(event = %event.id, kind = event.kind, "event sent over XMPP");
                         if let Err(e) = registrar.event_delivered(&event).await {

@@ -1,6 +1,8 @@
-//! The `xmpp` event sink: each event (a key replaced or rolled over, an account removed) becomes
-//! one message from the component to `events.xmpp_to`, so that a module on the XMPP server can end
-//! the sessions of a key that no longer logs in.
+//! The `xmpp` event sink: each event (a key replaced or rolled over, an account removed, a forced
+//! re-registration started) becomes one message from the component to `events.xmpp_to`, so that a
+//! module on the XMPP server can end the sessions of a key that no longer logs in. When a forced
+//! re-registration starts, the component also sends the account a chat message saying so
+//! ([`owner_message`]).
 //!
 //! ```xml
 //! <message from='register.example.org' to='admin@example.org' id='event-<id>'>
@@ -54,6 +56,17 @@ pub fn event_message(event: &Event, from: &Jid, to: &Jid) -> Message {
     message
 }
 
+/// For an event the account's owner is told of (a forced re-registration started), the chat
+/// message from the component `from` to the account.
+pub fn owner_message(event: &Event, from: &Jid) -> Option<Message> {
+    let text = event.text.as_deref()?;
+    let to = Jid::new(&event.jid).ok()?;
+    let mut message = Message::chat(to).with_body(Lang::default(), text.to_owned());
+    message.from = Some(from.clone());
+    message.id = Some(Id(format!("notice-{}", event.id)));
+    Some(message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,6 +84,7 @@ mod tests {
             at: chrono::DateTime::parse_from_rfc3339("2025-03-04T05:06:07Z")
                 .unwrap()
                 .to_utc(),
+            text: None,
             attempts: 0,
         }
     }
@@ -125,6 +139,33 @@ mod tests {
         let parsed = Message::try_from(el).unwrap();
         assert_eq!(parsed.type_, xmpp_parsers::message::MessageType::Normal);
         assert_eq!(parsed.payloads.len(), 1);
+    }
+
+    #[test]
+    fn only_events_with_a_text_are_told_to_the_account() {
+        assert!(
+            owner_message(&event(Some("AAAA1111"), None), &jid("register.localhost")).is_none()
+        );
+        let mut started = event(Some("AAAA1111"), None);
+        started.kind = "reregistration-started";
+        started.text = Some("Kontalk: someone asked".into());
+        let (xml, el) = round_trip(owner_message(&started, &jid("register.localhost")).unwrap());
+        assert_eq!(el.attr("type"), Some("chat"), "{xml}");
+        assert_eq!(
+            el.attr("to"),
+            Some("4bdd4f929f3a1062253e4e496bafba0bdfb5db75@localhost")
+        );
+        assert_eq!(el.attr("from"), Some("register.localhost"));
+        let body = el.get_child("body", xmpp_parsers::ns::DEFAULT_NS).unwrap();
+        assert_eq!(body.text(), "Kontalk: someone asked");
+        // The event message itself still goes to the XMPP server's module.
+        let (_, el) = round_trip(event_message(
+            &started,
+            &jid("register.localhost"),
+            &jid("localhost"),
+        ));
+        let e = el.get_child("event", EVENTS_NS).unwrap();
+        assert_eq!(e.attr("type"), Some("reregistration-started"));
     }
 
     #[test]

@@ -302,18 +302,22 @@ async fn brute_force_never_verifies_and_is_locked_out() {
         s.get(&format!("/v1/verifications/{v}")).await.body["status"],
         "locked"
     );
-    // A new verification for the number after this one expires: the number's budget (8 a day)
-    // has three tries left, shared across verifications.
+    // A new verification for the number after this one expires has its own five tries: the
+    // holder's tries are not counted in the number's check budget (8 a day here, which only the
+    // others' tries over XMPP spend), so that a stranger's guesses cannot use it up. The guesses
+    // per number stay bounded by the start limits (see the guess-budget simulation).
     s.clock.advance(Duration::from_secs(601));
     let again = start_from(&s, &phone, "192.0.2.1").await;
     assert_eq!(again.status, 201, "{:?}", again.body);
     let v2 = id(&again);
     let code2 = s.code_for(&phone);
     let path2 = format!("/v1/verifications/{v2}/code");
-    for guess in ["000000", "111111"] {
-        if guess == code2 {
-            continue;
-        }
+    let wrong: Vec<String> = (0..10u32)
+        .map(|g| format!("{g:06}"))
+        .filter(|g| *g != code2)
+        .take(4)
+        .collect();
+    for guess in &wrong {
         let r = post_from(
             &s,
             &path2,
@@ -321,15 +325,8 @@ async fn brute_force_never_verifies_and_is_locked_out() {
             json!({"code": guess, "public_key": crate::harness::b64(&key)}),
         )
         .await;
-        assert_eq!(r.status, 422);
+        assert_eq!(r.status, 422, "{:?}", r.body);
     }
-    let _ = post_from(
-        &s,
-        &path2,
-        "192.0.2.66",
-        json!({"code": "222222", "public_key": crate::harness::b64(&key)}),
-    )
-    .await;
     let r = post_from(
         &s,
         &path2,
@@ -337,9 +334,7 @@ async fn brute_force_never_verifies_and_is_locked_out() {
         json!({"code": code2, "public_key": crate::harness::b64(&key)}),
     )
     .await;
-    assert_eq!(r.status, 429, "{:?}", r.body);
-    assert_eq!(r.body["limit"], "number");
-    assert!(r.retry_after().unwrap() > 3600);
+    assert_eq!(r.status, 200, "{:?}", r.body);
 }
 
 #[tokio::test]

@@ -692,10 +692,12 @@ async fn key_changes_and_removals_reach_the_webhook_signed() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     remove_signed(&s, &certified(&third, &r), "webhook-removal-0001", 0).await;
 
-    let deliveries = wait_for(&seen, 3).await;
+    let deliveries = wait_for(&seen, 4).await;
     let events: Vec<Value> = deliveries.iter().map(checked).collect();
     let fp = |c: &Cert| json!(c.fingerprint().to_hex());
     let expected = [
+        // The forced start, told to the owner of the first key, then its completion.
+        ("reregistration-started", fp(&first), Value::Null),
         ("key-replaced", fp(&first), fp(&second)),
         ("key-rolled-over", fp(&second), fp(&third)),
         ("account-removed", fp(&third), Value::Null),
@@ -713,11 +715,27 @@ async fn key_changes_and_removals_reach_the_webhook_signed() {
         assert_eq!(e["id"].as_str().unwrap().len(), 32);
         chrono::DateTime::parse_from_rfc3339(e["at"].as_str().unwrap()).unwrap();
     }
+    // Only the start's event carries a text for the owner.
+    for e in &events {
+        assert_eq!(
+            e.get("text").is_some(),
+            e["type"] == "reregistration-started",
+            "{e:?}"
+        );
+    }
+    let told = events
+        .iter()
+        .find(|e| e["type"] == "reregistration-started")
+        .unwrap();
+    assert!(
+        told["text"].as_str().unwrap().contains("someone asked at"),
+        "{told:?}"
+    );
     let ids: std::collections::HashSet<_> = events.iter().map(|e| e["id"].to_string()).collect();
-    assert_eq!(ids.len(), 3, "each event once: {events:?}");
+    assert_eq!(ids.len(), 4, "each event once: {events:?}");
     // Nothing more arrives (each was acknowledged).
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(seen.lock().unwrap().len(), 3);
+    assert_eq!(seen.lock().unwrap().len(), 4);
 }
 
 #[tokio::test]
@@ -727,23 +745,36 @@ async fn a_failed_webhook_delivery_is_tried_again() {
     let first = register(&s, false).await;
     let second = register(&s, true).await;
 
+    // The forced start's event and the key replacement's: the first delivery fails.
     let failed = wait_for(&seen, 1).await;
     let event = checked(&failed[0]);
-    assert_eq!(event["type"], "key-replaced");
     assert_eq!(event["old_fingerprint"], first.fingerprint().to_hex());
-    assert_eq!(event["new_fingerprint"], second.fingerprint().to_hex());
 
     // The retry is due 5 s later by the server's clock; the worker looks every 5 s. The failure
     // is recorded after the receiver answered, so move the clock until the retry comes.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while seen.lock().unwrap().len() < 2 {
+    let retried = |seen: &Mutex<Vec<Delivery>>| {
+        let seen = seen.lock().unwrap();
+        seen.iter()
+            .skip(1)
+            .map(checked)
+            .find(|e| e["id"] == event["id"])
+    };
+    let again = loop {
+        if let Some(again) = retried(&seen) {
+            break again;
+        }
         assert!(std::time::Instant::now() < deadline, "no retry came");
         s.clock.advance(Duration::from_secs(6));
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let both = seen.lock().unwrap().clone();
-    let again = checked(&both[1]);
+    };
     assert_eq!(again, event, "the same event, the same id");
+    let all: Vec<Value> = seen.lock().unwrap().iter().map(checked).collect();
+    let replaced = all
+        .iter()
+        .find(|e| e["type"] == "key-replaced")
+        .expect("the key replacement's event");
+    assert_eq!(replaced["new_fingerprint"], second.fingerprint().to_hex());
 }
 
 #[tokio::test]
