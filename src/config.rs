@@ -438,8 +438,10 @@ pub struct VerificationSection {
     pub max_attempts: u32,
     /// Code submissions of everyone else together.
     pub max_attempts_others: u32,
-    /// The holder's and the others' code submissions of a forced re-registration (each).
+    /// The holder's code submissions of a forced re-registration, and each other requester's.
     pub replacement_attempts: u32,
+    /// The others' code submissions of a forced re-registration, together.
+    pub replacement_attempts_others: u32,
     /// Challenge when the client names none.
     pub default_challenge: Challenge,
 }
@@ -455,8 +457,9 @@ impl Default for VerificationSection {
             long_code_length: 10,
             short_codes_per_number: "2/1d".into(),
             max_attempts: 5,
-            max_attempts_others: 5,
+            max_attempts_others: 10,
             replacement_attempts: 3,
+            replacement_attempts_others: 6,
             default_challenge: Challenge::Pin,
         }
     }
@@ -1231,10 +1234,16 @@ impl FileConfig {
         if !(1..=20).contains(&v.max_attempts) {
             return Err(bad("verification.max_attempts", "must be between 1 and 20"));
         }
-        if !(0..=20).contains(&v.max_attempts_others) {
+        if !(0..=50).contains(&v.max_attempts_others) {
             return Err(bad(
                 "verification.max_attempts_others",
-                "must be between 0 and 20",
+                "must be between 0 and 50",
+            ));
+        }
+        if v.replacement_attempts_others > v.max_attempts_others {
+            return Err(bad(
+                "verification.replacement_attempts_others",
+                "must be at most verification.max_attempts_others",
             ));
         }
         if !(v.code_length..=10).contains(&v.long_code_length) {
@@ -1608,6 +1617,7 @@ impl FileConfig {
             max_attempts: v.max_attempts,
             max_attempts_others: v.max_attempts_others,
             replacement_attempts: v.replacement_attempts,
+            replacement_attempts_others: v.replacement_attempts_others,
             open: self.registration.open,
             terms_url: self.registration.terms_url.clone(),
             service_name: self.registration.service_name.clone(),

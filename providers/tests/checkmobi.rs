@@ -538,3 +538,14 @@ async fn a_challenge_not_enabled_is_unsupported_without_a_call() {
     assert_eq!(e.kind, ErrorKind::Unsupported);
     assert!(server.received_requests().await.unwrap().is_empty());
 }
+
+#[test]
+fn checkmobi_never_sends_our_code() {
+    let p = CheckMobiProvider::new(config("http://127.0.0.1:9")).unwrap();
+    for c in [Challenge::Pin, Challenge::Voice, Challenge::MissedCall] {
+        assert!(
+            !p.sends_our_code(c),
+            "{c}: CheckMobi checks or chooses the code"
+        );
+    }
+}

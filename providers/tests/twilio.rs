@@ -1133,3 +1133,17 @@ async fn every_form_field_sent_is_declared_in_the_openapi_description() {
         .unwrap();
     assert!(validity.contains("`1` to `36000`"), "{validity}");
 }
+
+#[tokio::test]
+async fn only_the_messaging_mode_sends_our_code() {
+    let server = MockServer::start().await;
+    let messaging = provider(messaging(&server));
+    let verify = provider(verify(&server));
+    for c in [Challenge::Pin, Challenge::Voice] {
+        assert!(messaging.sends_our_code(c));
+        assert!(
+            !verify.sends_our_code(c),
+            "Verify chooses and checks its code"
+        );
+    }
+}

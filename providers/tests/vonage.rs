@@ -1002,3 +1002,14 @@ fn configuration_is_checked() {
     assert_eq!(p.challenges(), [Challenge::Voice, Challenge::Pin]);
     assert_eq!(p.name(), "vonage");
 }
+
+#[test]
+fn only_the_sms_api_sends_our_code() {
+    let sms = VonageProvider::new(config(VonageMode::Sms, "http://127.0.0.1:9")).unwrap();
+    let verify = VonageProvider::new(config(VonageMode::Verify, "http://127.0.0.1:9")).unwrap();
+    assert!(sms.sends_our_code(Challenge::Pin));
+    assert!(
+        !verify.sends_our_code(Challenge::Pin),
+        "Verify chooses and checks its code"
+    );
+}

@@ -80,8 +80,10 @@ pub struct Settings {
     /// Code submissions of everyone else together (each also at most `max_attempts`): they are
     /// refused once these are spent, but cannot use up the holder's.
     pub max_attempts_others: u32,
-    /// The holder's and the others' tries of a forced re-registration (each).
+    /// The holder's tries of a forced re-registration, and each other requester's.
     pub replacement_attempts: u32,
+    /// The others' tries of a forced re-registration, together.
+    pub replacement_attempts_others: u32,
     /// Whether registration is open.
     pub open: bool,
     /// Terms of service the client must accept, if any.
@@ -124,8 +126,9 @@ impl Default for Settings {
             resend_wait_max: Duration::from_secs(600),
             call_wait: Duration::from_secs(60),
             max_attempts: 5,
-            max_attempts_others: 5,
+            max_attempts_others: 10,
             replacement_attempts: 3,
+            replacement_attempts_others: 6,
             open: true,
             terms_url: None,
             service_name: "Kontalk".into(),
@@ -408,7 +411,7 @@ impl Registrar {
         if v.force {
             TryLimits {
                 holder: s.replacement_attempts,
-                others: s.replacement_attempts,
+                others: s.replacement_attempts_others,
                 per_peer: s.replacement_attempts,
             }
         } else {
@@ -781,6 +784,11 @@ impl Registrar {
                 Some(Some(self.secret.code_hash(&record.id, chosen))),
                 chosen.len() as u32,
             ),
+            // A missed call whose masked caller number (`+44-7xxx????`) hides the code: the user
+            // types the hidden digits.
+            DeliveredCode::ProviderChecks if delivery.sender.contains('?') => {
+                (Some(None), delivery.sender.matches('?').count() as u32)
+            }
             DeliveredCode::ProviderChecks => (Some(None), record.code_length),
         };
         let sender = if delivery.sender.is_empty() {

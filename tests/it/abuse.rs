@@ -33,7 +33,7 @@ fn rate(s: &str) -> Option<Rate> {
     Some(s.parse().unwrap())
 }
 
-async fn post_from(s: &TestServer, path: &str, ip: &str, body: Value) -> Reply {
+pub(crate) async fn post_from(s: &TestServer, path: &str, ip: &str, body: Value) -> Reply {
     Reply::from(
         s.http
             .post(s.url(path))

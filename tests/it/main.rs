@@ -6,6 +6,7 @@ mod cli;
 mod database;
 mod fuzz;
 mod gpg;
+mod guess_budget;
 mod harness;
 mod http_accounts;
 mod http_api;

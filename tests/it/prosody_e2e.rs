@@ -480,6 +480,17 @@ async fn key_changes_end_sessions_and_their_keys_stop_logging_in() {
         held["closed_by_server"]["condition"], "not-authorized",
         "the first device's session was not closed for its replaced key: {held:#}"
     );
+    // Before that, the forced start was told to the account: a chat message from the server.
+    let told = held["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["type"] == "chat" && m["from"] == "localhost")
+        .unwrap_or_else(|| panic!("no message about the re-registration: {held:#}"));
+    assert!(
+        told["body"].as_str().unwrap().contains("someone asked at"),
+        "{told:#}"
+    );
     // The first device's key no longer logs in; the second's does.
     let again = k
         .kc(&["login", "--home", &first, "--fingerprint", &old_fingerprint])

@@ -89,3 +89,81 @@ async fn a_twilio_delivery_and_its_signed_receipt() {
         "delivered"
     );
 }
+
+/// A forced re-registration replaces an account's key, so its code must be long and ours: a
+/// missed call's caller number (CheckMobi's four digits) or a provider's own code never delivers
+/// it. CheckMobi (a loopback stand-in answering as its API does) is routed first; it takes a new
+/// number's missed call, and is skipped for the forced start's text message, which the next
+/// provider sends with our ten-digit code.
+#[tokio::test]
+async fn forced_reregistrations_only_use_providers_that_send_our_code() {
+    use registrar_providers::CapturingProvider;
+    use registrar_providers::checkmobi::{CheckMobiConfig, CheckMobiProvider};
+    let checkmobi = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/validation/request"))
+        .respond_with(ResponseTemplate::new(200).set_body_string(include_str!(
+            "../../providers/tests/fixtures/checkmobi/validation-request-reverse-cli-masked.json"
+        )))
+        .expect(1)
+        .mount(&checkmobi)
+        .await;
+    let config: CheckMobiConfig = serde_json::from_value(json!({
+        "name": "checkmobi",
+        "secret_key": "test-secret-key",
+        "base_url": checkmobi.uri(),
+        "challenges": ["missedcall", "pin"],
+    }))
+    .unwrap();
+    let capture = CapturingProvider::new("capture", "12345")
+        .with_challenges(vec![registrar_providers::Challenge::Pin]);
+    let providers: Vec<Arc<dyn Provider>> = vec![
+        Arc::new(CheckMobiProvider::new(config).unwrap()),
+        Arc::new(capture.clone()),
+    ];
+    let [port] = free_ports();
+    let s = TestServer::start_on(port, providers, |_| {}).await;
+
+    // A new account by missed call: CheckMobi's four digits are fine where no key is replaced.
+    let r = s
+        .post(
+            "/v1/verifications",
+            json!({"phone": EMULATOR, "challenge": "missedcall"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["code_length"], 4);
+    assert_eq!(r.body["sender"], "+44-7xxx????");
+
+    // Forced, by missed call: nobody can deliver a long code that way.
+    s.clock.advance(std::time::Duration::from_secs(601));
+    let r = s
+        .post(
+            "/v1/verifications",
+            json!({"phone": EMULATOR, "force": true, "challenge": "missedcall"}),
+        )
+        .await;
+    assert_eq!(r.problem_type(), "no-provider", "{:?}", r.body);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("10 digits") && detail.contains("pin"),
+        "{detail}"
+    );
+
+    // Forced, by text message: CheckMobi (first for pin, but checking its own code) is skipped.
+    let r = s.start_verification(EMULATOR, true).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["code_length"], 10);
+    assert_eq!(r.body["sender"], "12345");
+    let code = capture.last_code(EMULATOR).unwrap();
+    assert_eq!(code.len(), 10);
+    assert!(code.bytes().all(|b| b.is_ascii_digit()));
+    let done = s
+        .submit(
+            r.body["id"].as_str().unwrap(),
+            &code,
+            &public(&user_key(&format!("{EMULATOR_ACCOUNT}@localhost"))),
+        )
+        .await;
+    assert_eq!(done.status, 200, "{:?}", done.body);
+}

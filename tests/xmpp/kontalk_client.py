@@ -909,6 +909,8 @@ def cmd_login(opts):
     if s:
         out["jid_matches"] = (out["jid"] or "").split("/")[0] == expected_jid(home) if home.state else None
         if opts.hold:
+            # Available, as a Kontalk client is once logged in: messages to the bare JID come here.
+            s.send("<presence/>")
             end = time.monotonic() + opts.hold
             try:
                 while time.monotonic() < end:
@@ -921,6 +923,10 @@ def cmd_login(opts):
                             break
             except StreamError as e:
                 out["closed_by_server"] = {"condition": e.condition, "text": e.text}
+            out["messages"] = [
+                {"from": el.get("from"), "type": el.get("type"),
+                 "body": el.findtext(q("jabber:client", "body"))}
+                for el in s.inbox if el.tag == q("jabber:client", "message")]
         s.close()
     emit(out)
     home.close()
