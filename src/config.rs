@@ -518,14 +518,23 @@ impl From<&Limits> for LimitsSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PumpingSection {
-    /// Block prefixes automatically.
+    /// Judge traffic and act on it.
     pub enabled: bool,
     /// Seconds of traffic judged.
     pub window_seconds: u64,
-    /// Messages to a prefix within the window before its ratio is judged.
-    pub min_messages: u32,
-    /// Completed verifications per message below which a prefix is blocked.
+    /// Prefix lengths judged besides the calling code and `abuse.prefix_digits`.
+    pub levels: Vec<usize>,
+    /// Distinct numbers, and distinct sources, before a level is judged.
+    #[serde(alias = "min_messages")]
+    pub min_numbers: u32,
+    /// Completions per number below which waits grow.
+    pub slow_below: f64,
+    /// How much longer the waits are then.
+    pub slow_factor: u32,
+    /// Completions per number below which missed calls replace texts (and a prefix is blocked).
     pub min_completion: f64,
+    /// Seconds of missed calls before a prefix is blocked.
+    pub block_after_seconds: u64,
     /// Seconds a block lasts.
     pub block_seconds: u64,
 }
@@ -536,8 +545,12 @@ impl Default for PumpingSection {
         Self {
             enabled: p.enabled,
             window_seconds: p.window.as_secs(),
-            min_messages: p.min_messages,
+            levels: p.levels,
+            min_numbers: p.min_numbers,
+            slow_below: p.slow_below,
+            slow_factor: p.slow_factor,
             min_completion: p.min_completion,
+            block_after_seconds: p.block_after.as_secs(),
             block_seconds: p.block_for.as_secs(),
         }
     }
@@ -763,13 +776,34 @@ impl AbuseSection {
                 "must be between 600 and 604800",
             ));
         }
-        if p.min_messages == 0 {
-            return Err(bad("abuse.pumping.min_messages", "must be at least 1"));
+        if p.min_numbers == 0 {
+            return Err(bad("abuse.pumping.min_numbers", "must be at least 1"));
+        }
+        if let Some(l) = p.levels.iter().find(|l| !(2..=14).contains(*l)) {
+            return Err(bad(
+                "abuse.pumping.levels",
+                format!("{l}: prefix lengths must be between 2 and 14 digits"),
+            ));
         }
         if !(0.0..=1.0).contains(&p.min_completion) {
             return Err(bad(
                 "abuse.pumping.min_completion",
                 "must be between 0 and 1",
+            ));
+        }
+        if !(p.min_completion..=1.0).contains(&p.slow_below) {
+            return Err(bad(
+                "abuse.pumping.slow_below",
+                "must be between min_completion and 1",
+            ));
+        }
+        if !(1..=16).contains(&p.slow_factor) {
+            return Err(bad("abuse.pumping.slow_factor", "must be between 1 and 16"));
+        }
+        if p.block_after_seconds > p.window_seconds {
+            return Err(bad(
+                "abuse.pumping.block_after_seconds",
+                "must be at most window_seconds",
             ));
         }
         if !(60..=30 * 86_400).contains(&p.block_seconds) {
@@ -855,8 +889,12 @@ impl AbuseSection {
             pumping: Pumping {
                 enabled: p.enabled,
                 window: Duration::from_secs(p.window_seconds),
-                min_messages: p.min_messages,
+                levels: p.levels.clone(),
+                min_numbers: p.min_numbers,
+                slow_below: p.slow_below,
+                slow_factor: p.slow_factor,
                 min_completion: p.min_completion,
+                block_after: Duration::from_secs(p.block_after_seconds),
                 block_for: Duration::from_secs(p.block_seconds),
             },
             caps: Caps {
@@ -1761,6 +1799,13 @@ mod tests {
                 Config::load(Some(Path::new("missing.toml")), &Overrides::default()).unwrap_err();
             assert!(e.0.contains("missing.toml"), "{e}");
             for (toml, key) in [
+                ("[abuse.pumping]\nlevels = [5, 1]\n", "abuse.pumping.levels"),
+                ("[abuse.pumping]\nslow_below = 0.1\n", "abuse.pumping.slow_below"),
+                ("[abuse.pumping]\nslow_factor = 0\n", "abuse.pumping.slow_factor"),
+                (
+                    "[abuse.pumping]\nblock_after_seconds = 99999\n",
+                    "abuse.pumping.block_after_seconds",
+                ),
                 ("[login]\nbearer_token = \"short\"\n", "login.bearer_token"),
                 (
                     "[login]\nallowed_ips = [\"somewhere\"]\n",

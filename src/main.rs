@@ -598,21 +598,40 @@ async fn abuse_report(app: &kontalk_registrar::App, days: u32) -> anyhow::Result
     }
 
     let blocks = registrar.blocks().await?;
-    writeln!(out, "\nBlocked prefixes:")?;
+    writeln!(
+        out,
+        "\nPumping measures (block: nothing is sent; call: missed calls replace texts):"
+    )?;
     if blocks.is_empty() {
         writeln!(out, "  (none)")?;
     } else {
-        let mut rows = vec![["PREFIX", "UNTIL", "REASON"].map(String::from).to_vec()];
-        for b in &blocks {
-            let prefix = match b.scope.strip_prefix("prefix:") {
-                Some(digits) => format!("+{digits}"),
-                None => b.scope.clone(),
-            };
-            let until = chrono::DateTime::from_timestamp(b.until, 0).map_or_else(
-                || b.until.to_string(),
+        let mut rows = vec![
+            ["SCOPE", "MEASURE", "SINCE", "UNTIL", "REASON"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        let when = |t: i64| {
+            chrono::DateTime::from_timestamp(t, 0).map_or_else(
+                || t.to_string(),
                 |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            );
-            rows.push(vec![prefix, until, b.reason.clone()]);
+            )
+        };
+        for b in &blocks {
+            let scope = match (
+                b.scope.strip_prefix("prefix:"),
+                b.scope.strip_prefix("country:"),
+            ) {
+                (Some(digits), _) => format!("+{digits}"),
+                (None, Some(code)) => format!("+{code} (country)"),
+                _ => b.scope.clone(),
+            };
+            rows.push(vec![
+                scope,
+                b.measure.as_str().to_owned(),
+                when(b.created_at),
+                when(b.until),
+                b.reason.clone(),
+            ]);
         }
         out.push_str(&table(&rows, &[]));
     }

@@ -262,17 +262,31 @@ pub fn ip_group(ip: IpAddr, v6_prefix: u8) -> String {
     }
 }
 
-/// When the completion ratio of a prefix means pumping.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How the traffic of a range is judged: at several levels at once (its calling code, prefixes
+/// of the lengths in `levels`, and the `prefix_digits` prefix), and answered in steps.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Pumping {
-    /// Whether prefixes are blocked automatically.
+    /// Whether the defence is on.
     pub enabled: bool,
-    /// How far back messages and completions are counted.
+    /// How far back messages, numbers, sources and completions are counted.
     pub window: Duration,
-    /// Messages to a prefix within the window before its ratio is judged.
-    pub min_messages: u32,
-    /// Completed verifications per message below which the prefix is blocked.
+    /// Prefix lengths (E.164 digits, calling code included) judged besides the calling code and
+    /// the `prefix_digits` prefix, which is the only level ever blocked.
+    pub levels: Vec<usize>,
+    /// Distinct numbers messaged, asked for by at least as many distinct sources, before a level
+    /// is judged: one client messaging many numbers, or many clients one number, is for the
+    /// per-client and per-number limits.
+    pub min_numbers: u32,
+    /// Completed verifications per number below which a level's waits grow.
+    pub slow_below: f64,
+    /// How much longer the waits between messages are then.
+    pub slow_factor: u32,
+    /// Completed verifications per number below which a level's texts and voice calls become
+    /// missed calls (where a provider can place one), and the `prefix_digits` prefix is blocked
+    /// once that has not helped for `block_after`.
     pub min_completion: f64,
+    /// How long missed calls are tried on a prefix before it is blocked.
+    pub block_after: Duration,
     /// How long a block lasts.
     pub block_for: Duration,
 }
@@ -282,20 +296,72 @@ impl Default for Pumping {
         Self {
             enabled: true,
             window: Duration::from_secs(6 * 3600),
-            min_messages: 20,
+            levels: vec![5, 6],
+            min_numbers: 20,
+            slow_below: 0.5,
+            slow_factor: 4,
             min_completion: 0.2,
+            block_after: Duration::from_secs(3600),
             block_for: Duration::from_secs(86_400),
         }
     }
 }
 
+/// What one level's traffic calls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// Nothing: too little traffic to judge, or enough of it completes.
+    Clear,
+    /// Longer waits between messages.
+    Slow,
+    /// Missed calls instead of texts and voice calls; a block if that does not help.
+    Call,
+}
+
+/// What is in force on a traffic scope for a while (a row of the `blocks` table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// Missed calls replace texts and voice calls.
+    Call,
+    /// Nothing is sent.
+    Block,
+}
+
+impl Measure {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Measure::Call => "call",
+            Measure::Block => "block",
+        }
+    }
+
+    /// The measure stored as `name`; an unknown name is a block (fail closed).
+    pub fn from_stored(name: &str) -> Self {
+        if name == "call" {
+            Measure::Call
+        } else {
+            Measure::Block
+        }
+    }
+}
+
 impl Pumping {
-    /// Whether `sent` messages with `completed` verifications in the window look like pumping:
-    /// enough messages to judge, and too few of them completed.
-    pub fn suspicious(&self, sent: u64, completed: u64) -> bool {
-        self.enabled
-            && sent >= u64::from(self.min_messages)
-            && (completed as f64) < self.min_completion * sent as f64
+    /// What a level calls for that, within the window, messaged `numbers` distinct numbers for
+    /// `sources` distinct clients, of which `completed` completed: judged once both counts reach
+    /// `min_numbers`, by completions per number (resends to one number count once).
+    pub fn step(&self, numbers: u64, sources: u64, completed: u64) -> Step {
+        if !self.enabled || numbers.min(sources) < u64::from(self.min_numbers) {
+            return Step::Clear;
+        }
+        let ratio = completed as f64 / numbers as f64;
+        if ratio < self.min_completion {
+            Step::Call
+        } else if ratio < self.slow_below {
+            Step::Slow
+        } else {
+            Step::Clear
+        }
     }
 }
 
@@ -433,6 +499,28 @@ impl AbuseSettings {
         }
     }
 
+    /// The traffic scopes of a number with E.164 `digits` and calling code `country`, broadest
+    /// first: `country:<code>`, then `prefix:<digits>` for each pumping level longer than the
+    /// calling code and shorter than the number, and last the `prefix_digits` prefix (the level a
+    /// block applies to).
+    pub fn traffic_scopes(&self, digits: &str, country: &str) -> Vec<String> {
+        let block_level = self.prefix(digits);
+        let mut lengths: Vec<usize> = self
+            .pumping
+            .levels
+            .iter()
+            .copied()
+            .filter(|&l| l > country.len() && l < digits.len() && l < block_level.len())
+            .collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        let mut scopes = Vec::with_capacity(lengths.len() + 2);
+        scopes.push(format!("country:{country}"));
+        scopes.extend(lengths.iter().map(|&l| format!("prefix:{}", &digits[..l])));
+        scopes.push(format!("prefix:{block_level}"));
+        scopes
+    }
+
     /// The prefix of a number with E.164 `digits`.
     pub fn prefix<'a>(&self, digits: &'a str) -> &'a str {
         &digits[..digits.len().min(self.prefix_digits)]
@@ -550,18 +638,49 @@ mod tests {
     }
 
     #[test]
-    fn pumping_needs_volume_and_a_collapsed_ratio() {
+    fn traffic_scopes_go_from_the_country_to_the_blocked_prefix() {
+        let a = AbuseSettings::default();
+        assert_eq!(
+            a.traffic_scopes("447911123456", "44"),
+            [
+                "country:44",
+                "prefix:44791",
+                "prefix:447911",
+                "prefix:4479111"
+            ]
+        );
+        let a = AbuseSettings {
+            prefix_digits: 5,
+            pumping: Pumping {
+                levels: vec![7, 2, 4, 4, 1],
+                ..Pumping::default()
+            },
+            ..AbuseSettings::default()
+        };
+        // Levels no longer than the calling code or not shorter than the blocked prefix go.
+        assert_eq!(
+            a.traffic_scopes("3934712345", "39"),
+            ["country:39", "prefix:3934", "prefix:39347"]
+        );
+    }
+
+    #[test]
+    fn pumping_needs_numbers_and_sources_and_steps_by_the_ratio() {
         let p = Pumping::default();
-        assert!(!p.suspicious(19, 0), "too few messages to judge");
-        assert!(p.suspicious(20, 3));
-        assert!(!p.suspicious(20, 4));
-        assert!(!p.suspicious(1000, 700));
-        assert!(
-            !Pumping {
+        assert_eq!(p.step(19, 100, 0), Step::Clear, "too few numbers to judge");
+        assert_eq!(p.step(100, 19, 0), Step::Clear, "too few sources to judge");
+        assert_eq!(p.step(20, 20, 3), Step::Call);
+        assert_eq!(p.step(20, 20, 4), Step::Slow);
+        assert_eq!(p.step(20, 20, 9), Step::Slow);
+        assert_eq!(p.step(20, 20, 10), Step::Clear);
+        assert_eq!(p.step(1000, 900, 700), Step::Clear);
+        assert_eq!(
+            Pumping {
                 enabled: false,
                 ..p
             }
-            .suspicious(1000, 0)
+            .step(1000, 1000, 0),
+            Step::Clear
         );
     }
 

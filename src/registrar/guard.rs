@@ -11,7 +11,7 @@ use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
 
-use super::abuse::{self, Action, Scope};
+use super::abuse::{self, Action, Measure, Scope, Step};
 use super::error::Limit;
 use super::{Error, Refusal, Registrar, at, ts};
 use crate::phone::PhoneNumber;
@@ -67,9 +67,19 @@ pub struct SpendLine {
     pub cost: Option<f64>,
 }
 
-/// A number's traffic scopes: its prefix and its calling code.
-fn traffic_scopes(prefix: &str, country: &str) -> Vec<String> {
-    vec![format!("prefix:{prefix}"), format!("country:{country}")]
+/// What the pumping defence asks of a message to a number: the strongest step of any of its
+/// traffic scopes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Verdict {
+    /// Longer waits between messages.
+    pub slow: bool,
+    /// A missed call instead of a text or voice call, where a provider can place one.
+    pub call: bool,
+}
+
+/// A keyed hash as a 64-bit counter item.
+fn item(pseudonym: &str) -> i64 {
+    u64::from_str_radix(pseudonym, 16).unwrap_or_default() as i64
 }
 
 impl Registrar {
@@ -308,60 +318,121 @@ impl Registrar {
         }
     }
 
-    /// Refuses a message to a blocked prefix, and blocks the prefix when its recent traffic
-    /// looks like SMS pumping (many messages, few completed verifications).
-    pub(super) async fn check_pumping(&self, phone: &PhoneNumber) -> Result<(), Error> {
+    /// Judges the recent traffic of every scope of `phone` (its calling code, and prefixes from
+    /// short to the `prefix_digits` one) and answers in steps: a scope where too few numbers
+    /// complete gets longer waits, then missed calls instead of texts (a `call` measure for the
+    /// window); the `prefix_digits` prefix is blocked when missed calls have not helped for
+    /// `block_after`, or at once when no provider can place one (`can_call`). Broader scopes are
+    /// never blocked, so that a country's own users keep getting codes. Refuses a message to a
+    /// blocked scope.
+    pub(super) async fn check_pumping(
+        &self,
+        phone: &PhoneNumber,
+        can_call: bool,
+    ) -> Result<Verdict, Error> {
         let a = &self.settings.abuse;
-        if !a.pumping.enabled {
-            return Ok(());
+        let p = &a.pumping;
+        if !p.enabled {
+            return Ok(Verdict::default());
         }
         let (digits, country) = Self::digits_and_country(phone);
-        let prefix = a.prefix(digits);
-        let scope = format!("prefix:{prefix}");
+        let scopes = a.traffic_scopes(digits, &country);
         let now = ts(self.clock.now());
-        let blocked = match self.store.block_until(&scope, now).await {
-            Ok(b) => b,
-            Err(e) => return self.limits_failed(e, "blocks"),
+        let measures = match self.store.measures(&scopes, now).await {
+            Ok(m) => m,
+            Err(e) => return self.limits_failed(e, "blocks").map(|()| Verdict::default()),
         };
-        if let Some(until) = blocked {
+        if let Some(until) = measures
+            .iter()
+            .filter(|m| m.measure == Measure::Block)
+            .map(|m| m.until)
+            .max()
+        {
             return Err(Error::RateLimited {
                 retry_at: at(until),
                 limit: Limit::PrefixBlocked,
             });
         }
-        let window = i64::try_from(a.pumping.window.as_secs()).unwrap_or(i64::MAX / 2);
-        let (sent, completed) = match self
+        let window = i64::try_from(p.window.as_secs()).unwrap_or(i64::MAX / 2);
+        let traffic = match self
             .store
-            .traffic(&scope, abuse::bucket(now - window))
+            .traffic(&scopes, abuse::bucket(now - window))
             .await
         {
             Ok(t) => t,
-            Err(e) => return self.limits_failed(e, "traffic"),
+            Err(e) => {
+                return self
+                    .limits_failed(e, "traffic")
+                    .map(|()| Verdict::default());
+            }
         };
-        if !a.pumping.suspicious(sent, completed) {
-            return Ok(());
+        let block_after = i64::try_from(p.block_after.as_secs()).unwrap_or(3600);
+        let mut verdict = Verdict::default();
+        for (i, (scope, t)) in scopes.iter().zip(&traffic).enumerate() {
+            let calling = measures
+                .iter()
+                .find(|m| &m.scope == scope && m.measure == Measure::Call);
+            let step = p.step(t.numbers, t.sources, t.completed);
+            verdict.slow |= step >= Step::Slow;
+            if step < Step::Call {
+                verdict.call |= calling.is_some();
+                continue;
+            }
+            let reason = format!(
+                "{} numbers, {} sources, {} messages and {} completed verifications in {window}s",
+                t.numbers, t.sources, t.sent, t.completed
+            );
+            let block_level = i + 1 == scopes.len() && scope.starts_with("prefix:");
+            if block_level
+                && (!can_call || calling.is_some_and(|m| now - m.created_at >= block_after))
+            {
+                let until = now + i64::try_from(p.block_for.as_secs()).unwrap_or(86_400);
+                if let Err(e) = self
+                    .store
+                    .set_measure(scope, Measure::Block, until, &reason, now)
+                    .await
+                {
+                    return self.limits_failed(e, "blocks").map(|()| verdict);
+                }
+                tracing::warn!(
+                    scope = %scope,
+                    numbers = t.numbers,
+                    sources = t.sources,
+                    sent = t.sent,
+                    completed = t.completed,
+                    until = %at(until).to_rfc3339(),
+                    event = "prefix_blocked",
+                    "prefix blocked: its completion ratio collapsed (SMS pumping?)"
+                );
+                return Err(Error::RateLimited {
+                    retry_at: at(until),
+                    limit: Limit::PrefixBlocked,
+                });
+            }
+            verdict.call = true;
+            // Extended while the traffic stays bad, written again only when half gone.
+            if calling.is_none_or(|m| m.until - now < window / 2) {
+                if let Err(e) = self
+                    .store
+                    .set_measure(scope, Measure::Call, now + window, &reason, now)
+                    .await
+                {
+                    self.limits_failed(e, "blocks")?;
+                }
+                if calling.is_none() {
+                    tracing::warn!(
+                        scope = %scope,
+                        numbers = t.numbers,
+                        sources = t.sources,
+                        sent = t.sent,
+                        completed = t.completed,
+                        event = "pumping_missed_calls",
+                        "few numbers complete: missed calls replace texts (SMS pumping?)"
+                    );
+                }
+            }
         }
-        let until = now + i64::try_from(a.pumping.block_for.as_secs()).unwrap_or(86_400);
-        let reason = format!(
-            "{sent} messages and {completed} completed verifications in {}s",
-            window
-        );
-        if let Err(e) = self.store.add_block(&scope, until, &reason, now).await {
-            return self.limits_failed(e, "blocks");
-        }
-        tracing::warn!(
-            prefix,
-            country = %country,
-            sent,
-            completed,
-            until = %at(until).to_rfc3339(),
-            event = "prefix_blocked",
-            "prefix blocked: its completion ratio collapsed (SMS pumping?)"
-        );
-        Err(Error::RateLimited {
-            retry_at: at(until),
-            limit: Limit::PrefixBlocked,
-        })
+        Ok(verdict)
     }
 
     /// The daily-cap scopes of `phone` with their caps.
@@ -414,10 +485,11 @@ impl Registrar {
         }
     }
 
-    /// Counts a message that went out through `provider`.
+    /// Counts a message that went out through `provider` for client `source` (its keyed hash).
     pub(super) async fn count_sent(
         &self,
         phone: &PhoneNumber,
+        source: Option<&str>,
         provider: &str,
         challenge: super::Challenge,
     ) {
@@ -426,7 +498,9 @@ impl Registrar {
         let now = ts(self.clock.now());
         let price = abuse::price(&a.costs, provider, &country);
         let record = SentRecord {
-            scopes: traffic_scopes(a.prefix(digits), &country),
+            scopes: a.traffic_scopes(digits, &country),
+            number: item(&self.log_id(phone.as_str())),
+            source: source.map(item),
             bucket: abuse::bucket(now),
             day: abuse::day(now),
             provider: provider.to_owned(),
@@ -451,7 +525,7 @@ impl Registrar {
     pub(super) async fn count_completed(&self, phone: &PhoneNumber, started: i64) {
         let a = &self.settings.abuse;
         let (digits, country) = Self::digits_and_country(phone);
-        let scopes = traffic_scopes(a.prefix(digits), &country);
+        let scopes = a.traffic_scopes(digits, &country);
         if let Err(e) = self
             .store
             .record_completed(&scopes, abuse::bucket(started))
@@ -485,11 +559,15 @@ impl Registrar {
         Ok(self.store.blocks(ts(self.clock.now())).await?)
     }
 
-    /// Lifts the pumping block of E.164 prefix `prefix` (digits, `+` optional); whether there
-    /// was one.
+    /// Lifts the pumping measures (block or missed calls) of E.164 prefix `prefix` (digits, `+`
+    /// optional), and of the calling code if it is one; whether there was one.
     pub async fn unblock(&self, prefix: &str) -> Result<bool, Error> {
         let digits = prefix.trim().trim_start_matches('+');
-        let lifted = self.store.remove_block(&format!("prefix:{digits}")).await?;
+        let lifted = self.store.remove_block(&format!("prefix:{digits}")).await?
+            | self
+                .store
+                .remove_block(&format!("country:{digits}"))
+                .await?;
         if lifted {
             tracing::info!(prefix = digits, "prefix unblocked by the operator");
         }

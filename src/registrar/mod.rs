@@ -33,6 +33,7 @@ pub use abuse::AbuseSettings;
 pub use accounts::{Event, RemovalProof, removal_message};
 pub use dispatch::{DispatchSettings, Dispatcher, Route};
 pub use error::{AuthFailure, Error, Limit, LoginRefusal, Refusal, STORE_RETRY_SECS};
+use guard::Verdict;
 pub use guard::{Origin, SpendLine};
 pub use registrar_providers::Challenge;
 pub use templates::Templates;
@@ -471,39 +472,47 @@ impl Registrar {
         self.throttle(abuse::Action::Start, &req.phone, &req.origin)
             .await?;
         let account = req.phone.account();
-        if !req.force && self.store.account(account.as_str()).await?.is_some() {
+        let registered = self.store.account(account.as_str()).await?.is_some();
+        if !req.force && registered {
             return Err(Error::Conflict);
         }
         let test = self.is_test_number(req.phone.as_str());
-        let challenge = req.challenge.unwrap_or(self.settings.default_challenge);
-        // A forced re-registration always gets a long code; so does a number asked for more
-        // often than short codes are given out (someone may be guessing), when a provider that
-        // sends our own code can deliver it.
-        let own_code = if req.force {
+        let asked = req.challenge.unwrap_or(self.settings.default_challenge);
+        // A forced re-registration of an account always gets a long code; so does a number asked
+        // for more often than short codes are given out (someone may be guessing), when a
+        // provider that sends our own code can deliver it. A forced start for a number without
+        // an account replaces nothing and is a plain one.
+        let own_code = if req.force && registered {
             OwnCode::Required
         } else if !test && !self.short_code_allowed(&req.phone).await {
             OwnCode::Preferred
         } else {
             OwnCode::Any
         };
+        let replaces = match self.store.verification_by_phone(req.phone.as_str()).await? {
+            Some(old) if old.expires_at > ts(now) && old.verified_at.is_none() => {
+                self.refuse_if_waiting(&old, asked, now)?;
+                Some(old.id)
+            }
+            Some(old) => Some(old.id),
+            None => None,
+        };
+        let verdict = if test {
+            Verdict::default()
+        } else {
+            let can_call = self.can_call(&req.phone, own_code);
+            self.check_pumping(&req.phone, can_call).await?
+        };
+        let challenge = self.pumping_challenge(asked, verdict, &req.phone, own_code);
         let (candidates, can_fallback) = if test {
             (Vec::new(), false)
         } else {
             self.candidates(&req.phone, challenge, req.fallback, None, own_code)?
         };
         let long = own_code != OwnCode::Any;
-        let replaces = match self.store.verification_by_phone(req.phone.as_str()).await? {
-            Some(old) if old.expires_at > ts(now) && old.verified_at.is_none() => {
-                self.refuse_if_waiting(&old, challenge, now)?;
-                Some(old.id)
-            }
-            Some(old) => Some(old.id),
-            None => None,
-        };
         let reserved = if test {
             Vec::new()
         } else {
-            self.check_pumping(&req.phone).await?;
             self.reserve_message(&req.phone).await?
         };
         let id = VerificationId::generate();
@@ -524,7 +533,7 @@ impl Registrar {
             sends: 1,
             created_at: ts(now),
             expires_at: ts(now) + secs(self.settings.lifetime),
-            next_resend_at: ts(now) + secs(self.resend_wait(1)),
+            next_resend_at: ts(now) + secs(self.resend_wait(1, verdict)),
             verified_at: None,
             result_fingerprint: None,
             result_key: None,
@@ -670,15 +679,61 @@ impl Registrar {
             .unwrap_or_else(|| Code::generate(length))
     }
 
-    /// The wait after the `sends`-th message: the first wait, doubled with each message, capped.
-    fn resend_wait(&self, sends: u32) -> Duration {
+    /// The wait after the `sends`-th message: the first wait, doubled with each message, capped;
+    /// `abuse.pumping.slow_factor` times longer where the pumping defence asks for it.
+    fn resend_wait(&self, sends: u32, verdict: Verdict) -> Duration {
         let factor = 1u32
             .checked_shl(sends.saturating_sub(1).min(16))
             .unwrap_or(u32::MAX);
-        self.settings
+        let wait = self
+            .settings
             .resend_wait
             .saturating_mul(factor)
-            .min(self.settings.resend_wait_max.max(self.settings.resend_wait))
+            .min(self.settings.resend_wait_max.max(self.settings.resend_wait));
+        if verdict.slow {
+            wait.saturating_mul(self.settings.abuse.pumping.slow_factor)
+        } else {
+            wait
+        }
+    }
+
+    /// Whether a provider can place a missed call to `phone` that carries a code good enough for
+    /// `own_code`.
+    fn can_call(&self, phone: &PhoneNumber, own_code: OwnCode) -> bool {
+        self.dispatcher
+            .candidates(phone, Challenge::MissedCall)
+            .iter()
+            .any(|p| own_code != OwnCode::Required || p.sends_our_code(Challenge::MissedCall))
+    }
+
+    /// The challenge to use instead of `asked` when the pumping defence says so: a missed call
+    /// (which earns a pumper nothing) instead of a text or voice call, where one can be placed.
+    fn pumping_challenge(
+        &self,
+        asked: Challenge,
+        verdict: Verdict,
+        phone: &PhoneNumber,
+        own_code: OwnCode,
+    ) -> Challenge {
+        if verdict.call && asked != Challenge::MissedCall && self.can_call(phone, own_code) {
+            tracing::info!(
+                country = phone.calling_code(),
+                %asked,
+                event = "challenge_switched",
+                "a missed call instead of the challenge asked for (pumping defence)"
+            );
+            Challenge::MissedCall
+        } else {
+            asked
+        }
+    }
+
+    /// Whether `v` may replace an account's key: a forced re-registration that got a long code
+    /// of ours (a forced start for a number without an account got a short one, and cannot).
+    fn may_replace(&self, v: &VerificationRecord) -> bool {
+        v.force
+            && (self.is_test_number(&v.phone)
+                || v.code_length as usize >= self.settings.long_code_length)
     }
 
     /// Refuses a new message while a live verification is locked or inside its wait: the
@@ -769,7 +824,7 @@ impl Registrar {
             .deliver(candidates, &message)
             .await
             .map_err(|e| self.delivery_error(record, e))?;
-        if record.force && delivery.code != DeliveredCode::Ours {
+        if self.may_replace(record) && delivery.code != DeliveredCode::Ours {
             // `candidates` keeps only providers that say they send our code for a replacement.
             tracing::error!(
                 verification = %record.id,
@@ -819,8 +874,13 @@ impl Registrar {
             "challenge delivered"
         );
         if let Some(phone) = PhoneNumber::from_stored(&record.phone) {
-            self.count_sent(&phone, provider.name(), record.challenge)
-                .await;
+            self.count_sent(
+                &phone,
+                record.client.as_deref(),
+                provider.name(),
+                record.challenge,
+            )
+            .await;
         }
         Ok(updated)
     }
@@ -931,7 +991,21 @@ impl Registrar {
         let test = self.is_test_number(&v.phone);
         // The same kind of code as before: long for a forced re-registration, or when the start
         // got one (a provider's own code, a missed call's digits, counts as short).
-        let long = v.force || v.code_length as usize >= self.settings.long_code_length;
+        let long = self.may_replace(&v) || v.code_length as usize >= self.settings.long_code_length;
+        let own_code = if self.may_replace(&v) {
+            OwnCode::Required
+        } else if long {
+            OwnCode::Preferred
+        } else {
+            OwnCode::Any
+        };
+        let verdict = if test {
+            Verdict::default()
+        } else {
+            self.check_pumping(&phone, self.can_call(&phone, own_code))
+                .await?
+        };
+        let challenge = self.pumping_challenge(challenge, verdict, &phone, own_code);
         let (candidates, can_fallback) = if test {
             (Vec::new(), false)
         } else {
@@ -940,19 +1014,12 @@ impl Registrar {
                 challenge,
                 fallback || undelivered,
                 v.provider.as_deref(),
-                if v.force {
-                    OwnCode::Required
-                } else if long {
-                    OwnCode::Preferred
-                } else {
-                    OwnCode::Any
-                },
+                own_code,
             )?
         };
         let reserved = if test {
             Vec::new()
         } else {
-            self.check_pumping(&phone).await?;
             self.reserve_message(&phone).await?
         };
         let code = self.new_code(&v.phone, long);
@@ -961,7 +1028,7 @@ impl Registrar {
             code_hash: self.secret.code_hash(&v.id, code.as_str()),
             code_length: code.as_str().len() as u32,
             expires_at: ts(now) + secs(self.settings.lifetime),
-            next_resend_at: ts(now) + secs(self.resend_wait(v.sends + 1)),
+            next_resend_at: ts(now) + secs(self.resend_wait(v.sends + 1, verdict)),
             sent_at: ts(now),
         };
         if !self.store.renew_code(&v.id, v.sends, &renewal).await? {
@@ -1160,10 +1227,10 @@ impl Registrar {
         let completion = Completion {
             fingerprint: certified.fingerprint.clone(),
             public_key: certified.bytes.clone(),
-            replace_account: v.force,
+            replace_account: self.may_replace(&v),
             now: ts(now),
             // Only a forced registration can replace a key, and so need an event.
-            notice: if v.force {
+            notice: if self.may_replace(&v) {
                 self.notice()
             } else {
                 Notice::default()

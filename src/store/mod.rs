@@ -14,7 +14,7 @@ pub use sqlite::SqliteStore;
 
 use registrar_providers::Challenge;
 
-use crate::registrar::abuse::Rate;
+use crate::registrar::abuse::{Measure, Rate};
 
 /// A verification as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,16 +146,18 @@ pub struct RateBucket {
     pub rate: Rate,
 }
 
-/// A prefix blocked by the pumping defence.
+/// A measure of the pumping defence on a traffic scope.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockRecord {
-    /// What is blocked (`prefix:<digits>`).
+    /// Where (`prefix:<digits>`, `country:<code>`).
     pub scope: String,
+    /// What.
+    pub measure: Measure,
     /// Until when.
     pub until: i64,
     /// Why.
     pub reason: String,
-    /// Since when.
+    /// Since when (kept while the same measure is extended).
     pub created_at: i64,
 }
 
@@ -174,6 +176,23 @@ pub struct SentRecord {
     pub country: String,
     /// The challenge.
     pub challenge: Challenge,
+    /// A keyed hash of the number, counted distinct per scope.
+    pub number: i64,
+    /// A keyed hash of the client that asked, counted distinct per scope.
+    pub source: Option<i64>,
+}
+
+/// One traffic scope's counters over a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Messages sent.
+    pub sent: u64,
+    /// Verifications completed (counted in the bucket of their start).
+    pub completed: u64,
+    /// Distinct numbers messaged.
+    pub numbers: u64,
+    /// Distinct clients that asked for them.
+    pub sources: u64,
 }
 
 /// Messages of one day, provider, calling code and challenge.
@@ -445,27 +464,33 @@ pub trait Store: Send + Sync {
         key: &str,
     ) -> Result<Option<VerificationRecord>, StoreError>;
 
-    /// Until when `scope` is blocked, if it is at `now`.
-    async fn block_until(&self, scope: &str, now: i64) -> Result<Option<i64>, StoreError>;
+    /// The measures in force at `now` on any of `scopes`.
+    async fn measures(&self, scopes: &[String], now: i64) -> Result<Vec<BlockRecord>, StoreError>;
 
-    /// Blocks `scope` until `until`.
-    async fn add_block(
+    /// Puts `measure` on `scope` until `until`; its `created_at` is kept when the scope already
+    /// had this measure (an extension), else set to `now`.
+    async fn set_measure(
         &self,
         scope: &str,
+        measure: Measure,
         until: i64,
         reason: &str,
         now: i64,
     ) -> Result<(), StoreError>;
 
-    /// Lifts the block of `scope`; whether there was one.
+    /// Lifts the measure on `scope`; whether there was one.
     async fn remove_block(&self, scope: &str) -> Result<bool, StoreError>;
 
-    /// The blocks in force at `now`.
+    /// The measures in force at `now`.
     async fn blocks(&self, now: i64) -> Result<Vec<BlockRecord>, StoreError>;
 
-    /// Messages sent and verifications completed under `scope` from ten-minute bucket
-    /// `since_bucket` on.
-    async fn traffic(&self, scope: &str, since_bucket: i64) -> Result<(u64, u64), StoreError>;
+    /// The counters of each of `scopes` (in that order) from ten-minute bucket `since_bucket`
+    /// on.
+    async fn traffic(
+        &self,
+        scopes: &[String],
+        since_bucket: i64,
+    ) -> Result<Vec<Traffic>, StoreError>;
 
     /// Reserves one message of UTC day `day` under every `(scope, cap)`, all or none, never
     /// passing a cap: `None` when reserved, else the index of the cap that is reached.

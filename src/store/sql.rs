@@ -29,6 +29,19 @@ pub(super) fn db(e: sqlx::Error) -> StoreError {
     }
 }
 
+/// `traffic_seen.kind` of a number's hash.
+pub(super) const SEEN_NUMBER: i32 = 0;
+/// `traffic_seen.kind` of a client's hash.
+pub(super) const SEEN_SOURCE: i32 = 1;
+
+/// `$first, $first+1, ...`: `n` numbered placeholders for an `IN (...)` list.
+pub(super) fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `SELECT <every verification column> FROM verifications <clause>`, as one literal.
 macro_rules! select_verification {
     ($clause:literal) => {
@@ -113,6 +126,17 @@ pub(super) use retire_key;
 /// Implements [`Store`](super::Store) for `$store` (a struct with a `pool` field).
 macro_rules! sql_store {
     ($store:ident, $row:ty, $begin:literal, $kind:literal, $for_update:literal) => {
+fn block_from_row(r: &$row) -> Result<BlockRecord, StoreError> {
+    let measure: String = r.try_get("measure").map_err(db)?;
+    Ok(BlockRecord {
+        scope: r.try_get("scope").map_err(db)?,
+        measure: abuse::Measure::from_stored(&measure),
+        until: r.try_get("until").map_err(db)?,
+        reason: r.try_get("reason").map_err(db)?,
+        created_at: r.try_get("created_at").map_err(db)?,
+    })
+}
+
 fn verification_from_row(row: &$row) -> Result<VerificationRecord, StoreError> {
     let get = |e: sqlx::Error| StoreError::Database(e.to_string());
     let challenge: String = row.try_get("challenge").map_err(get)?;
@@ -480,6 +504,7 @@ impl Store for $store {
             ("DELETE FROM rate_limits WHERE tat < $1", now.saturating_mul(1000)),
             ("DELETE FROM blocks WHERE until < $1", now),
             ("DELETE FROM traffic WHERE bucket < $1", abuse::bucket(now - super::TRAFFIC_RETENTION)),
+            ("DELETE FROM traffic_seen WHERE bucket < $1", abuse::bucket(now - super::TRAFFIC_RETENTION)),
             ("DELETE FROM daily_sends WHERE day < $1", abuse::day(now) - 2),
             ("DELETE FROM spend WHERE day < $1", abuse::day(now - super::SPEND_RETENTION)),
             ("DELETE FROM nonces WHERE expires_at < $1", now),
@@ -556,29 +581,41 @@ impl Store for $store {
         .await
     }
 
-    async fn block_until(&self, scope: &str, now: i64) -> Result<Option<i64>, StoreError> {
-        let row = sqlx::query("SELECT until FROM blocks WHERE scope = $1 AND until > $2")
-            .bind(scope)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db)?;
-        row.map(|r| r.try_get::<i64, _>(0).map_err(db)).transpose()
+    async fn measures(&self, scopes: &[String], now: i64) -> Result<Vec<BlockRecord>, StoreError> {
+        if scopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let query = format!(
+            "SELECT scope, measure, until, reason, created_at FROM blocks \
+             WHERE until > $1 AND scope IN ({})",
+            super::sql::placeholders(2, scopes.len())
+        );
+        // Only numbered placeholders are formatted in: no input reaches the text.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(query)).bind(now);
+        for scope in scopes {
+            q = q.bind(scope);
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(db)?;
+        rows.iter().map(block_from_row).collect()
     }
 
-    async fn add_block(
+    async fn set_measure(
         &self,
         scope: &str,
+        measure: abuse::Measure,
         until: i64,
         reason: &str,
         now: i64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO blocks (scope, until, reason, created_at) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO blocks (scope, measure, until, reason, created_at) \
+             VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (scope) DO UPDATE SET until = excluded.until, reason = excluded.reason, \
-             created_at = excluded.created_at",
+             created_at = CASE WHEN blocks.measure = excluded.measure AND blocks.until > $5 \
+             THEN blocks.created_at ELSE excluded.created_at END, measure = excluded.measure",
         )
         .bind(scope)
+        .bind(measure.as_str())
         .bind(until)
         .bind(reason)
         .bind(now)
@@ -599,38 +636,68 @@ impl Store for $store {
 
     async fn blocks(&self, now: i64) -> Result<Vec<BlockRecord>, StoreError> {
         let rows = sqlx::query(
-            "SELECT scope, until, reason, created_at FROM blocks WHERE until > $1 ORDER BY scope",
+            "SELECT scope, measure, until, reason, created_at FROM blocks WHERE until > $1 \
+             ORDER BY scope",
         )
         .bind(now)
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        rows.iter()
-            .map(|r| {
-                Ok(BlockRecord {
-                    scope: r.try_get("scope").map_err(db)?,
-                    until: r.try_get("until").map_err(db)?,
-                    reason: r.try_get("reason").map_err(db)?,
-                    created_at: r.try_get("created_at").map_err(db)?,
-                })
-            })
-            .collect()
+        rows.iter().map(block_from_row).collect()
     }
 
-    async fn traffic(&self, scope: &str, since_bucket: i64) -> Result<(u64, u64), StoreError> {
-        let row = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(sent), 0) AS BIGINT), \
+    async fn traffic(
+        &self,
+        scopes: &[String],
+        since_bucket: i64,
+    ) -> Result<Vec<super::Traffic>, StoreError> {
+        let mut out = vec![super::Traffic::default(); scopes.len()];
+        if scopes.is_empty() {
+            return Ok(out);
+        }
+        let index = |scope: &str| scopes.iter().position(|s| s == scope);
+        let list = super::sql::placeholders(2, scopes.len());
+        let sums = format!(
+            "SELECT scope, CAST(COALESCE(SUM(sent), 0) AS BIGINT), \
              CAST(COALESCE(SUM(completed), 0) AS BIGINT) \
-             FROM traffic WHERE scope = $1 AND bucket >= $2",
-        )
-        .bind(scope)
-        .bind(since_bucket)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(db)?;
-        let sent: i64 = row.try_get(0).map_err(db)?;
-        let completed: i64 = row.try_get(1).map_err(db)?;
-        Ok((sent.max(0) as u64, completed.max(0) as u64))
+             FROM traffic WHERE bucket >= $1 AND scope IN ({list}) GROUP BY scope"
+        );
+        // Only numbered placeholders are formatted in: no input reaches the text.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sums)).bind(since_bucket);
+        for scope in scopes {
+            q = q.bind(scope);
+        }
+        for r in q.fetch_all(&self.pool).await.map_err(db)? {
+            let scope: String = r.try_get(0).map_err(db)?;
+            let sent: i64 = r.try_get(1).map_err(db)?;
+            let completed: i64 = r.try_get(2).map_err(db)?;
+            if let Some(i) = index(&scope) {
+                out[i].sent = sent.max(0) as u64;
+                out[i].completed = completed.max(0) as u64;
+            }
+        }
+        let distinct = format!(
+            "SELECT scope, kind, CAST(COUNT(*) AS BIGINT) FROM \
+             (SELECT DISTINCT scope, kind, item FROM traffic_seen \
+              WHERE bucket >= $1 AND scope IN ({list})) AS seen GROUP BY scope, kind"
+        );
+        // Only numbered placeholders are formatted in: no input reaches the text.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(distinct)).bind(since_bucket);
+        for scope in scopes {
+            q = q.bind(scope);
+        }
+        for r in q.fetch_all(&self.pool).await.map_err(db)? {
+            let scope: String = r.try_get(0).map_err(db)?;
+            let kind: i32 = r.try_get(1).map_err(db)?;
+            let n: i64 = r.try_get(2).map_err(db)?;
+            if let Some(i) = index(&scope) {
+                match kind {
+                    super::sql::SEEN_NUMBER => out[i].numbers = n.max(0) as u64,
+                    _ => out[i].sources = n.max(0) as u64,
+                }
+            }
+        }
+        Ok(out)
     }
 
     async fn reserve_daily(
@@ -705,6 +772,23 @@ impl Store for $store {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
+            let seen = [
+                (super::sql::SEEN_NUMBER, Some(s.number)),
+                (super::sql::SEEN_SOURCE, s.source),
+            ];
+            for (kind, item) in seen.into_iter().filter_map(|(k, i)| Some((k, i?))) {
+                sqlx::query(
+                    "INSERT INTO traffic_seen (scope, bucket, kind, item) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT DO NOTHING",
+                )
+                .bind(scope)
+                .bind(s.bucket)
+                .bind(kind)
+                .bind(item)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            }
         }
         sqlx::query(
             "INSERT INTO spend (day, provider, country, challenge, messages) \

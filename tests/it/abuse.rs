@@ -3,10 +3,14 @@
 //! test sleeps. Client addresses come from `X-Forwarded-For` through a trusted proxy (the
 //! loopback peer), as behind a real reverse proxy.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use kontalk_registrar::clock::ManualClock;
 use kontalk_registrar::config::Config;
+use kontalk_registrar::registrar::Challenge;
 use kontalk_registrar::registrar::abuse::{Limits, Rate};
+use registrar_providers::{CapturingProvider, Provider};
 use serde_json::{Value, json};
 
 use crate::harness::{Reply, TestServer, public, user_key};
@@ -430,23 +434,120 @@ async fn allow_and_deny_lists() {
     assert_eq!(r.problem_type(), "country-not-served");
 }
 
-#[tokio::test]
-async fn a_prefix_whose_completion_ratio_collapses_is_blocked() {
-    let s = server(|c| {
-        let p = &mut c.settings.abuse.pumping;
+/// A server whose pumping defence judges from `min_numbers` numbers, with the given
+/// providers (the capturing one when `providers` is `None`).
+async fn pumping_server(min_numbers: u32, providers: Option<Vec<Arc<dyn Provider>>>) -> TestServer {
+    let tweak = move |c: &mut Config| {
+        let a = &mut c.settings.abuse;
+        a.start = Limits::default();
+        a.resend = Limits::default();
+        a.check = Limits::default();
+        a.caps.total = None;
+        a.caps.per_country = None;
+        a.repeat_window = Duration::ZERO;
+        c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        let p = &mut a.pumping;
         p.enabled = true;
-        p.min_messages = 6;
+        p.min_numbers = min_numbers;
         p.min_completion = 0.3;
+        p.block_after = Duration::from_secs(1800);
         p.block_for = Duration::from_secs(7200);
-    })
-    .await;
-    // A prefix with real users: they complete, so it stays open.
+    };
+    match providers {
+        None => TestServer::start_with(tweak).await,
+        Some(providers) => {
+            let unused = CapturingProvider::new("unused", "0");
+            TestServer::start_in(
+                tempfile::tempdir().unwrap(),
+                ManualClock::new(chrono::Utc::now()),
+                providers,
+                unused,
+                tweak,
+            )
+            .await
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_prefix_whose_completion_ratio_collapses_gets_missed_calls_then_a_block() {
+    let s = pumping_server(6, None).await;
+    // A prefix with real users: they complete, so it stays open (and so does the country).
     for i in 0..8 {
         let phone = format!("+3932012{i:05}");
         let (_, done) = s.register(&phone, false).await;
         assert_eq!(done.status, 200);
     }
-    // A prefix that receives messages nobody completes.
+    // A prefix that receives messages nobody completes, each for another client.
+    for i in 0..6 {
+        let r = start_from(&s, &it_number(i), &format!("192.0.2.{i}")).await;
+        assert_eq!((r.status, r.body["challenge"].as_str()), (201, Some("pin")));
+    }
+    // Six numbers, none completed: the next start asking for a text gets a missed call, and
+    // says so; the user completes it with the caller number's hidden digits.
+    let r = start_from(&s, &it_number(50), "198.51.100.50").await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["challenge"], "missedcall", "{:?}", r.body);
+    let sent = s.provider.sent();
+    assert_eq!(sent.last().unwrap().challenge, Challenge::MissedCall);
+    let key = user_key(r.body["account"].as_str().unwrap());
+    let done = s
+        .submit(&id(&r), &s.code_for(&it_number(50)), &public(&key))
+        .await;
+    assert_eq!(done.status, 200, "{:?}", done.body);
+    // Voice calls too; the other prefix keeps its texts.
+    let r = post_from(
+        &s,
+        "/v1/verifications",
+        "198.51.100.51",
+        json!({"phone": it_number(51), "challenge": "voice"}),
+    )
+    .await;
+    assert_eq!(r.body["challenge"], "missedcall", "{:?}", r.body);
+    let r = start_from(&s, "+393201288888", "198.51.100.52").await;
+    assert_eq!(r.body["challenge"], "pin", "{:?}", r.body);
+    // Missed calls did not help for half an hour: the prefix is blocked.
+    s.clock.advance(Duration::from_secs(1800));
+    let r = start_from(&s, &it_number(52), "198.51.100.53").await;
+    assert_limited(&r, "prefix-blocked", Duration::from_secs(7200));
+    let messages = s.provider.sent().len();
+    // Still blocked an hour later, for any number of the prefix; the other prefix is served.
+    s.clock.advance(Duration::from_secs(3600));
+    let r = start_from(&s, &it_number(77), "198.51.100.54").await;
+    assert_limited(&r, "prefix-blocked", Duration::from_secs(3600));
+    assert_eq!(s.provider.sent().len(), messages);
+    assert_eq!(
+        start_from(&s, "+393201299999", "198.51.100.55")
+            .await
+            .status,
+        201
+    );
+    // The measures are on record: missed calls for the country's broader prefixes of the
+    // attacked range, the block on the prefix itself.
+    let measures: Vec<(String, &str)> = crate::harness::open_store(&s.db_url)
+        .await
+        .blocks(s.clock_now().timestamp())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.scope, b.measure.as_str()))
+        .collect();
+    assert!(
+        measures.contains(&("prefix:3934712".to_owned(), "block")),
+        "{measures:?}"
+    );
+    assert!(
+        measures
+            .iter()
+            .all(|(scope, _)| "prefix:3934712".starts_with(scope.as_str())),
+        "{measures:?}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_missed_call_provider_a_collapsed_prefix_is_blocked_at_once() {
+    let texts = CapturingProvider::new("texts", "1").with_challenges(vec![Challenge::Pin]);
+    let s = pumping_server(6, Some(vec![Arc::new(texts.clone())])).await;
     for i in 0..6 {
         assert_eq!(
             start_from(&s, &it_number(i), &format!("192.0.2.{i}"))
@@ -457,17 +558,54 @@ async fn a_prefix_whose_completion_ratio_collapses_is_blocked() {
     }
     let r = start_from(&s, &it_number(50), "198.51.100.50").await;
     assert_limited(&r, "prefix-blocked", Duration::from_secs(7200));
-    assert_eq!(s.provider.sent().len(), 8 + 6);
-    // Still blocked an hour later, for any number of the prefix; the other prefix is served.
-    s.clock.advance(Duration::from_secs(3600));
-    let r = start_from(&s, &it_number(77), "198.51.100.51").await;
-    assert_limited(&r, "prefix-blocked", Duration::from_secs(3600));
-    assert_eq!(
-        start_from(&s, "+393201299999", "198.51.100.52")
-            .await
-            .status,
-        201
-    );
+    assert_eq!(texts.sent().len(), 6);
+}
+
+#[tokio::test]
+async fn waits_grow_where_few_numbers_complete_and_sources_are_weighed() {
+    let s = pumping_server(4, None).await;
+    // One client asking for many numbers is not distributed traffic: the per-client limits
+    // are for it, and the range is not judged.
+    for i in 0..6 {
+        let r = start_from(&s, &it_number(i), "192.0.2.1").await;
+        assert_eq!(r.status, 201);
+        assert_eq!(r.body["challenge"], "pin");
+        let wait = (|| {
+            let at = |k: &str| {
+                chrono::DateTime::parse_from_rfc3339(r.body[k].as_str()?)
+                    .ok()
+                    .map(|t| t.timestamp())
+            };
+            Some(at("next_resend_at")? - s.clock_now().timestamp())
+        })();
+        assert_eq!(wait, Some(60), "{:?}", r.body);
+    }
+    // Four clients, two of the five numbers completed (below a half, above 0.3): waits are
+    // four times longer, and texts still go out.
+    let s = pumping_server(4, None).await;
+    for i in 0..2 {
+        let (_, done) = s.register(&it_number(i), false).await;
+        assert_eq!(done.status, 200);
+    }
+    for i in 2..5 {
+        let r = start_from(&s, &it_number(i), &format!("192.0.2.{i}")).await;
+        assert_eq!(r.status, 201);
+    }
+    let r = start_from(&s, &it_number(9), "198.51.100.9").await;
+    assert_eq!(r.body["challenge"], "pin", "{:?}", r.body);
+    let resend_at =
+        chrono::DateTime::parse_from_rfc3339(r.body["next_resend_at"].as_str().unwrap())
+            .unwrap()
+            .timestamp();
+    assert_eq!(resend_at - s.clock_now().timestamp(), 240, "{:?}", r.body);
+    let early = post_from(
+        &s,
+        &format!("/v1/verifications/{}/resend", id(&r)),
+        "198.51.100.9",
+        json!({}),
+    )
+    .await;
+    assert_limited(&early, "resend-wait", Duration::from_secs(240));
 }
 
 #[tokio::test]

@@ -424,6 +424,12 @@ async fn abuse_report_shows_spend_caps_and_blocks_and_unblock_lifts_a_block() {
          VALUES ('prefix:4479111', 4102444800, 'test', 0)",
     )
     .await;
+    execute(
+        &db,
+        "INSERT INTO blocks (scope, measure, until, reason, created_at) \
+         VALUES ('country:44', 'call', 4102444800, 'few', 86400)",
+    )
+    .await;
     // The operator's configuration: prices come from it (not from the database), as do caps.
     let config = data.path().join("operator.toml");
     std::fs::write(
@@ -463,20 +469,40 @@ async fn abuse_report_shows_spend_caps_and_blocks_and_unblock_lifts_a_block() {
     let total = caps.iter().find(|l| l.starts_with("total")).unwrap();
     assert_eq!(fields(total), ["total", "2", "100"], "{report}");
 
-    let blocks = section(&report, "Blocked prefixes");
+    let blocks = section(&report, "Pumping measures");
     assert!(
-        blocks
-            .iter()
-            .any(|l| fields(l) == ["+4479111", "2100-01-01T00:00:00Z", "test"]),
+        blocks.iter().any(|l| fields(l)
+            == [
+                "+4479111",
+                "block",
+                "1970-01-01T00:00:00Z",
+                "2100-01-01T00:00:00Z",
+                "test"
+            ]),
         "{report}"
     );
+    assert!(
+        blocks.iter().any(|l| fields(l)
+            == [
+                "+44",
+                "(country)",
+                "call",
+                "1970-01-02T00:00:00Z",
+                "2100-01-01T00:00:00Z",
+                "few"
+            ]),
+        "{report}"
+    );
+    // The country's missed calls are lifted by its calling code.
+    let (ok, out) = abuse(&["unblock", "+44"], config, data, &db);
+    assert!(ok && out.contains("+44: block lifted"), "{out}");
 
     let (ok, out) = abuse(&["unblock", "+4479111"], config, data, &db);
     assert!(ok && out.contains("+4479111: block lifted"), "{out}");
     let (ok, report) = abuse(&["report", "--days", "1"], config, data, &db);
     assert!(ok, "{report}");
     assert!(!report.contains("4479111"), "{report}");
-    assert_eq!(section(&report, "Blocked prefixes")[1].trim(), "(none)");
+    assert_eq!(section(&report, "Pumping measures")[1].trim(), "(none)");
     // Lifting it again says there was nothing to lift, and succeeds.
     let (ok, out) = abuse(&["unblock", "4479111"], config, data, &db);
     assert!(ok && out.contains("+4479111: was not blocked"), "{out}");

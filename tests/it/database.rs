@@ -40,12 +40,12 @@ async fn migrate_then_refuse_a_schema_newer_than_the_binary() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.contains(&format!("{kind} database is up to date (schema version 8)")),
+        stdout.contains(&format!("{kind} database is up to date (schema version 9)")),
         "{stdout}"
     );
     let store = open_store(&url).await;
     assert_eq!(store.kind(), kind);
-    assert_eq!(store.schema_version().await.unwrap(), 8);
+    assert_eq!(store.schema_version().await.unwrap(), 9);
 
     // A newer binary migrated this database further: this one must refuse it, saying why.
     let newer = "INSERT INTO _sqlx_migrations \

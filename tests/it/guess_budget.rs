@@ -269,6 +269,30 @@ async fn guessing_an_unregistered_number_gets_long_codes_after_two_a_day() {
 }
 
 #[tokio::test]
+async fn a_forced_start_for_a_number_without_an_account_is_a_plain_one() {
+    let s = server(|_| {}).await;
+    let phone = "+393471299002";
+    // Nothing to replace: a short code, as for any new number; it registers the number.
+    let r = s.start_verification(phone, true).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["code_length"], 6);
+    let done = s
+        .submit(
+            r.body["id"].as_str().unwrap(),
+            &s.code_for(phone),
+            &public(&user_key(&jid_of(phone))),
+        )
+        .await;
+    assert_eq!(done.status, 200, "{:?}", done.body);
+    // Now there is an account: a forced start gets the long code.
+    s.clock.advance(Duration::from_secs(3600));
+    let r = s.start_verification(phone, true).await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+    assert_eq!(r.body["code_length"], 10);
+    assert_eq!(s.code_for(phone).len(), 10);
+}
+
+#[tokio::test]
 async fn strangers_guesses_do_not_lock_out_the_holder() {
     // The number's budget for the others' tries: three a day here.
     let s = server(|c| c.settings.abuse.check.number = Some("3/1d".parse().unwrap())).await;

@@ -135,6 +135,15 @@ async fn forced_reregistrations_only_use_providers_that_send_our_code() {
     assert_eq!(r.body["code_length"], 4);
     assert_eq!(r.body["sender"], "+44-7xxx????");
 
+    // The number gets an account (registered elsewhere, as far as this test goes).
+    crate::harness::execute(
+        &s.db_url,
+        &format!(
+            "INSERT INTO accounts (id, fingerprint, public_key, created_at, updated_at) \
+             VALUES ('{EMULATOR_ACCOUNT}', 'AA', '', 0, 0)"
+        ),
+    )
+    .await;
     // Forced, by missed call: nobody can deliver a long code that way.
     s.clock.advance(std::time::Duration::from_secs(601));
     let r = s

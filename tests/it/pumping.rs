@@ -1,17 +1,26 @@
 //! The SMS-pumping simulation: a seeded traffic generator drives the real service (HTTP API,
-//! default abuse settings, manual clock) through two days of traffic.
+//! default abuse settings, manual clock) through two days of traffic, once for each of two
+//! attacks.
 //!
 //! The scenario is fixed so that it cannot be made easy:
 //! - legitimate users in 32 countries, each country completing between 70% and 90% of its
 //!   verifications, arriving in daily waves (a sine over the day, peak and trough differing by a
-//!   factor of 9), from a large pool of residential addresses; one in ten asks for a resend before
-//!   completing, and completions come 20 seconds to 8 minutes after the message;
-//! - an attacker that starts on day one at 06:00 with 2 requests an hour and ramps up by half
+//!   factor of 9), from a large pool of residential addresses; one in ten asks for a resend
+//!   (once the answer's `next_resend_at` has come, as a client's resend button would) before
+//!   completing, and completions come 20 seconds to 8 minutes after the message; a user whose
+//!   code comes as a missed call types the caller number's hidden digits the same way;
+//! - the **burst** attack starts on day one at 06:00 with 2 requests an hour and ramps up by half
 //!   every hour to 150 an hour, then keeps going to the end; every request goes to a random
 //!   number of one prefix (+44 7911 1) inside a country (+44) that also has legitimate traffic,
-//!   comes from a new random address, and is never completed.
+//!   comes from a new random address, and is never completed;
+//! - the **wide** attack is slow and spread out: from day one at 03:00 to the end, 35 requests an
+//!   hour to each of two countries with legitimate traffic (+44 and +234, 1 680 a day, under
+//!   every daily cap), each to a random mobile number anywhere in the country's mobile ranges
+//!   (so that no prefix of 5 or more digits gets more than a few a day), from a botnet of 3 000
+//!   addresses; never completed.
 //!
-//! The test asserts that at least 95% of the attacker's messages are refused and at most 1% of
+//! Each test asserts that at least 95% of the attacker's requests get no text message (refused,
+//! or answered with a missed call, which earns a pumper nothing) and that at most 1% of
 //! legitimate users are refused anything, and prints both (the figures in the README).
 
 use std::cmp::Reverse;
@@ -35,6 +44,16 @@ const COUNTRIES: [&str; 32] = [
     "PH", "VN", "TR", "TH", "EG", "ZA", "KE", "AR", "CO", "UA", "MY", "AU", "BE", "PT", "GR", "GB",
 ];
 const ATTACKED_PREFIX: &str = "+4479111";
+/// The wide attack's countries and requests per hour to each.
+const WIDE_COUNTRIES: [&str; 2] = ["GB", "NG"];
+const WIDE_RATE: f64 = 35.0;
+
+/// The attack a simulation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attack {
+    Burst,
+    Wide,
+}
 
 /// One user's next step.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -45,8 +64,9 @@ enum Step {
     Resend { user: usize },
     /// A legitimate user types the code.
     Complete { user: usize },
-    /// The attacker sends one request.
-    Attack,
+    /// The attacker sends one request (to a number of `WIDE_COUNTRIES[country]` in the wide
+    /// attack).
+    Attack { country: usize },
 }
 
 struct User {
@@ -62,10 +82,16 @@ struct User {
 /// Valid mobile numbers of `region`: its example mobile number with every digit after the first
 /// three randomised, kept when the service's own policy accepts it.
 fn mobile_number(region: &str, policy: &PhonePolicy, rng: &mut StdRng) -> String {
+    random_mobile(region, &[3, 4, 5, 6], policy, rng)
+}
+
+/// A valid mobile number of `region` that keeps the first `keeps[i]` digits of its example
+/// (the first that yields one) and randomises the rest.
+fn random_mobile(region: &str, keeps: &[usize], policy: &PhonePolicy, rng: &mut StdRng) -> String {
     let meta = phonenumber::metadata::DATABASE.by_id(region).unwrap();
     let mobile = meta.descriptors().mobile().unwrap();
     let example = mobile.example().unwrap().to_owned();
-    for keep in [3, 4, 5, 6] {
+    for &keep in keeps {
         for _ in 0..40 {
             let nsn: String = example
                 .chars()
@@ -142,8 +168,18 @@ fn refusal(r: &Reply) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pumping_simulation_blocks_the_attacker_and_spares_real_users() {
+/// What a simulation ends with.
+struct Outcome {
+    server: TestServer,
+    users: usize,
+    refused_users: usize,
+    attacks: u32,
+    /// Attacker requests answered with a text message (or voice call).
+    texts: u32,
+}
+
+/// Runs the scenario with `attack`, prints its figures, and asserts the targets.
+async fn simulate(attack: Attack) -> Outcome {
     let s = TestServer::start_with(|c| {
         // Clients are named by X-Forwarded-For, as behind a reverse proxy; every abuse setting
         // keeps its default.
@@ -192,36 +228,73 @@ async fn pumping_simulation_blocks_the_attacker_and_spares_real_users() {
             queue.push(Reverse((day0 + (t * 3600.0) as i64, Step::Start { user })));
         }
     }
-    // The attacker: from 06:00 on day one, 2 requests an hour, half again more each hour, at most
-    // 150 an hour.
-    let mut t = 6.0f64;
     let mut attacks = 0u32;
-    while t < (DAYS * 24) as f64 {
-        let rate = (2.0 * 1.5f64.powf(t - 6.0)).min(150.0);
-        t += -rng.random::<f64>().ln() / rate;
-        queue.push(Reverse((day0 + (t * 3600.0) as i64, Step::Attack)));
-        attacks += 1;
+    match attack {
+        Attack::Burst => {
+            // From 06:00 on day one, 2 requests an hour, half again more each hour, at most
+            // 150 an hour.
+            let mut t = 6.0f64;
+            while t < (DAYS * 24) as f64 {
+                let rate = (2.0 * 1.5f64.powf(t - 6.0)).min(150.0);
+                t += -rng.random::<f64>().ln() / rate;
+                queue.push(Reverse((
+                    day0 + (t * 3600.0) as i64,
+                    Step::Attack { country: 0 },
+                )));
+                attacks += 1;
+            }
+        }
+        Attack::Wide => {
+            // From 03:00 on day one, a steady WIDE_RATE an hour to each country.
+            for country in 0..WIDE_COUNTRIES.len() {
+                let mut t = 3.0f64;
+                loop {
+                    t += -rng.random::<f64>().ln() / WIDE_RATE;
+                    if t >= (DAYS * 24) as f64 {
+                        break;
+                    }
+                    queue.push(Reverse((
+                        day0 + (t * 3600.0) as i64,
+                        Step::Attack { country },
+                    )));
+                    attacks += 1;
+                }
+            }
+        }
     }
+    let botnet: Vec<String> = (0..3_000).map(|_| random_ip(&mut rng)).collect();
 
-    let mut attacker_sent = 0u32;
+    let mut texts = 0u32;
+    let mut calls = 0u32;
     let mut attacker_refused = 0u32;
     let mut attacker_reasons = std::collections::BTreeMap::<String, u32>::new();
     let mut legit_messages = 0u32;
+    let mut legit_calls = 0u32;
     while let Some(Reverse((when, step))) = queue.pop() {
         let now = s.clock_now().timestamp();
         if when > now {
             s.clock.advance(Duration::from_secs((when - now) as u64));
         }
         match step {
-            Step::Attack => {
-                let phone = format!("{ATTACKED_PREFIX}{:05}", rng.random_range(0..100_000u32));
-                let ip = random_ip(&mut rng);
+            Step::Attack { country } => {
+                let (phone, ip) = match attack {
+                    Attack::Burst => (
+                        format!("{ATTACKED_PREFIX}{:05}", rng.random_range(0..100_000u32)),
+                        random_ip(&mut rng),
+                    ),
+                    Attack::Wide => (
+                        random_mobile(WIDE_COUNTRIES[country], &[1, 2, 3], &policy, &mut rng),
+                        botnet[rng.random_range(0..botnet.len())].clone(),
+                    ),
+                };
                 let r = post(&s, "/v1/verifications", &ip, json!({"phone": phone})).await;
-                if r.status == 201 {
-                    attacker_sent += 1;
-                } else {
+                if r.status != 201 {
                     attacker_refused += 1;
                     *attacker_reasons.entry(refusal(&r)).or_default() += 1;
+                } else if r.body["challenge"] == "missedcall" {
+                    calls += 1;
+                } else {
+                    texts += 1;
                 }
             }
             Step::Start { user } => {
@@ -232,19 +305,23 @@ async fn pumping_simulation_blocks_the_attacker_and_spares_real_users() {
                     continue;
                 }
                 legit_messages += 1;
+                if r.body["challenge"] == "missedcall" {
+                    legit_calls += 1;
+                }
                 u.verification = Some(r.body["id"].as_str().unwrap().to_owned());
                 u.account = Some(r.body["account"].as_str().unwrap().to_owned());
                 if u.completes {
-                    let next = if u.resends {
-                        // After the resend wait, plus a little.
-                        Step::Resend { user }
+                    let (next, delay) = if u.resends {
+                        // A little after the resend button comes up.
+                        let resend_at = chrono::DateTime::parse_from_rfc3339(
+                            r.body["next_resend_at"].as_str().unwrap(),
+                        )
+                        .unwrap()
+                        .timestamp();
+                        let delay = rng.random_range(61..180).max(resend_at - when + 1);
+                        (Step::Resend { user }, delay)
                     } else {
-                        Step::Complete { user }
-                    };
-                    let delay = if u.resends {
-                        rng.random_range(61..180)
-                    } else {
-                        rng.random_range(20..480)
+                        (Step::Complete { user }, rng.random_range(20..480))
                     };
                     queue.push(Reverse((when + delay, next)));
                 }
@@ -289,45 +366,98 @@ async fn pumping_simulation_blocks_the_attacker_and_spares_real_users() {
     }
 
     let refused: Vec<&User> = users.iter().filter(|u| u.refused.is_some()).collect();
-    let blocked_share = f64::from(attacker_refused) / f64::from(attacks);
+    let stopped_share = f64::from(attacks - texts) / f64::from(attacks);
     let refused_share = refused.len() as f64 / users.len() as f64;
     eprintln!(
-        "pumping simulation (seed {SEED:#x}, {DAYS} days): {} legitimate users in {} countries \
-         ({legit_messages} messages), {} refused ({:.2}%); attacker: {attacks} requests, \
-         {attacker_sent} messages sent, {attacker_refused} refused ({:.2}%) by {attacker_reasons:?}",
+        "pumping simulation, {attack:?} attack (seed {SEED:#x}, {DAYS} days): {} legitimate \
+         users in {} countries ({legit_messages} messages, {legit_calls} of them missed calls), \
+         {} refused ({:.2}%); attacker: {attacks} requests, {texts} texts sent, {calls} missed \
+         calls, {attacker_refused} refused by {attacker_reasons:?}: {:.2}% got no text",
         users.len(),
         COUNTRIES.len(),
         refused.len(),
         refused_share * 100.0,
-        blocked_share * 100.0,
+        stopped_share * 100.0,
     );
     for u in refused.iter().take(10) {
         eprintln!("  refused: {} {:?}", &u.phone[..5], u.refused);
     }
-    assert_eq!(attacker_sent + attacker_refused, attacks);
+    assert_eq!(texts + calls + attacker_refused, attacks);
     assert!(users.len() > 2000, "{} users", users.len());
-    assert!(attacks > 4000, "{attacks} attacks");
+    assert!(attacks > 3000, "{attacks} attacks");
     assert!(
-        blocked_share >= 0.95,
-        "only {:.2}% of the attacker's messages were refused",
-        blocked_share * 100.0
+        stopped_share >= 0.95,
+        "only {:.2}% of the attacker's requests got no text",
+        stopped_share * 100.0
     );
     assert!(
         refused_share <= 0.01,
         "{:.2}% of legitimate users were refused",
         refused_share * 100.0
     );
-    // The block is on the record, for the attacked prefix only.
-    let blocks = crate::harness::open_store(&s.db_url)
+    Outcome {
+        server: s,
+        users: users.len(),
+        refused_users: refused.len(),
+        attacks,
+        texts,
+    }
+}
+
+/// The pumping measures on record at the end, as `(scope, measure)`.
+async fn measures(s: &TestServer) -> Vec<(String, String)> {
+    crate::harness::open_store(&s.db_url)
         .await
         .blocks(s.clock_now().timestamp() - 2 * 86_400)
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.scope, b.measure.as_str().to_owned()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pumping_simulation_blocks_a_burst_on_one_prefix_and_spares_real_users() {
+    let o = simulate(Attack::Burst).await;
+    assert!(o.texts < o.attacks / 20 && o.refused_users * 100 <= o.users);
+    // The block is on the record, for the attacked prefix only; missed calls only in the
+    // attacked ranges.
+    let measures = measures(&o.server).await;
+    let attacked = &ATTACKED_PREFIX[1..];
     assert!(
-        blocks
+        measures
             .iter()
-            .all(|b| b.scope == format!("prefix:{}", &ATTACKED_PREFIX[1..])),
-        "{blocks:?}"
+            .any(|(scope, m)| scope == &format!("prefix:{attacked}") && m == "block"),
+        "{measures:?}"
     );
-    assert!(!blocks.is_empty());
+    for (scope, m) in &measures {
+        let digits = scope.split(':').nth(1).unwrap();
+        assert!(attacked.starts_with(digits), "{scope} {m}");
+        assert!(
+            m == "call" || scope.len() == "prefix:".len() + attacked.len(),
+            "{scope} {m}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pumping_simulation_answers_a_slow_wide_attack_with_missed_calls_and_spares_real_users() {
+    let o = simulate(Attack::Wide).await;
+    assert!(o.texts < o.attacks / 20 && o.refused_users * 100 <= o.users);
+    // The attacked countries get missed calls (their own users complete them); nothing is
+    // blocked, and no other country is touched.
+    let measures = measures(&o.server).await;
+    for code in ["44", "234"] {
+        assert!(
+            measures.contains(&(format!("country:{code}"), "call".to_owned())),
+            "{measures:?}"
+        );
+    }
+    for (scope, m) in &measures {
+        let digits = scope.split(':').nth(1).unwrap();
+        assert!(
+            (digits.starts_with("44") || digits.starts_with("234")) && m == "call",
+            "{scope} {m}"
+        );
+    }
 }
