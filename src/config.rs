@@ -1800,8 +1800,14 @@ mod tests {
             assert!(e.0.contains("missing.toml"), "{e}");
             for (toml, key) in [
                 ("[abuse.pumping]\nlevels = [5, 1]\n", "abuse.pumping.levels"),
-                ("[abuse.pumping]\nslow_below = 0.1\n", "abuse.pumping.slow_below"),
-                ("[abuse.pumping]\nslow_factor = 0\n", "abuse.pumping.slow_factor"),
+                (
+                    "[abuse.pumping]\nslow_below = 0.1\n",
+                    "abuse.pumping.slow_below",
+                ),
+                (
+                    "[abuse.pumping]\nslow_factor = 0\n",
+                    "abuse.pumping.slow_factor",
+                ),
                 (
                     "[abuse.pumping]\nblock_after_seconds = 99999\n",
                     "abuse.pumping.block_after_seconds",

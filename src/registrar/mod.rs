@@ -522,7 +522,8 @@ impl Registrar {
             phone: req.phone.as_str().to_owned(),
             account: account.as_str().to_owned(),
             challenge,
-            force: req.force,
+            // What `force` means: the verification replaces an account's key.
+            force: req.force && registered,
             code_hash: Some(self.secret.code_hash(id.as_str(), code.as_str())),
             code_length: code.as_str().len() as u32,
             provider: None,
@@ -579,7 +580,7 @@ impl Registrar {
         );
         match self.deliver(&record, &code, &candidates).await {
             Ok(record) => {
-                if req.force {
+                if record.force {
                     self.tell_owner(&record, now).await;
                 }
                 Ok(Verification {
@@ -639,7 +640,7 @@ impl Registrar {
             if v.expires_at <= ts(now) {
                 // Expired and not purged yet: the key is free again.
                 self.store.delete_verification(&v.id).await?;
-            } else if v.phone != req.phone.as_str() || v.force != req.force {
+            } else if v.phone != req.phone.as_str() || (v.force && !req.force) {
                 return Err(Error::IdempotencyKeyReused);
             } else {
                 return Ok(Some(v));
@@ -658,7 +659,8 @@ impl Registrar {
                     && v.verified_at.is_none()
                     && !self.locked(v)
                     && v.client.as_deref() == Some(client)
-                    && v.force == req.force
+                    // A forced start for a number without an account made a plain one.
+                    && (req.force || !v.force)
                     && req.challenge.is_none_or(|c| c == v.challenge)
                     && v.last_sent_at.unwrap_or(v.created_at) + window > ts(now)
             }))
@@ -726,14 +728,6 @@ impl Registrar {
         } else {
             asked
         }
-    }
-
-    /// Whether `v` may replace an account's key: a forced re-registration that got a long code
-    /// of ours (a forced start for a number without an account got a short one, and cannot).
-    fn may_replace(&self, v: &VerificationRecord) -> bool {
-        v.force
-            && (self.is_test_number(&v.phone)
-                || v.code_length as usize >= self.settings.long_code_length)
     }
 
     /// Refuses a new message while a live verification is locked or inside its wait: the
@@ -824,7 +818,7 @@ impl Registrar {
             .deliver(candidates, &message)
             .await
             .map_err(|e| self.delivery_error(record, e))?;
-        if self.may_replace(record) && delivery.code != DeliveredCode::Ours {
+        if record.force && delivery.code != DeliveredCode::Ours {
             // `candidates` keeps only providers that say they send our code for a replacement.
             tracing::error!(
                 verification = %record.id,
@@ -991,8 +985,8 @@ impl Registrar {
         let test = self.is_test_number(&v.phone);
         // The same kind of code as before: long for a forced re-registration, or when the start
         // got one (a provider's own code, a missed call's digits, counts as short).
-        let long = self.may_replace(&v) || v.code_length as usize >= self.settings.long_code_length;
-        let own_code = if self.may_replace(&v) {
+        let long = v.force || v.code_length as usize >= self.settings.long_code_length;
+        let own_code = if v.force {
             OwnCode::Required
         } else if long {
             OwnCode::Preferred
@@ -1227,10 +1221,10 @@ impl Registrar {
         let completion = Completion {
             fingerprint: certified.fingerprint.clone(),
             public_key: certified.bytes.clone(),
-            replace_account: self.may_replace(&v),
+            replace_account: v.force,
             now: ts(now),
             // Only a forced registration can replace a key, and so need an event.
-            notice: if self.may_replace(&v) {
+            notice: if v.force {
                 self.notice()
             } else {
                 Notice::default()

@@ -824,3 +824,45 @@ async fn key_transfers_keep_only_the_latest_current_key_and_no_token() {
     let old_session = relay(&s, &session, &upload).await;
     assert_eq!(old_session.error(), "auth/forbidden", "{}", old_session.xml);
 }
+
+#[tokio::test]
+async fn the_pumping_defence_answers_kontalk_clients_with_a_missed_call() {
+    // The same rules as over HTTP: a range where nobody completes gets missed calls, and the
+    // form says so in Kontalk's fields.
+    let s = server_with(|c| {
+        let a = &mut c.settings.abuse;
+        a.start = kontalk_registrar::registrar::abuse::Limits::default();
+        a.caps.total = None;
+        a.caps.per_country = None;
+        a.pumping.min_numbers = 3;
+    })
+    .await;
+    for i in 0..3 {
+        let a = relay(
+            &s,
+            &Client::at(&format!("192.0.2.{}", i + 1)),
+            &step1(&format!("+3934712{i:05}"), false),
+        )
+        .await;
+        assert_eq!(a.field("challenge").as_deref(), Some("pin"), "{}", a.xml);
+    }
+    let a = relay(
+        &s,
+        &Client::at("198.51.100.7"),
+        &step1("+393471200077", false),
+    )
+    .await;
+    assert_eq!(a.kind(), "result", "{}", a.xml);
+    assert_eq!(
+        a.field("challenge").as_deref(),
+        Some("missedcall"),
+        "{}",
+        a.xml
+    );
+    let sent = s.provider.sent();
+    let last = sent.last().unwrap();
+    assert_eq!(last.challenge, registrar_providers::Challenge::MissedCall);
+    assert_eq!(last.to, "+393471200077");
+    // The capturing provider calls from its sender id.
+    assert_eq!(a.field("from").as_deref(), Some("12345"), "{}", a.xml);
+}
