@@ -105,7 +105,8 @@ enum AbuseCommand {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Lifts the SMS-pumping block of an E.164 prefix (`+4479111`).
+    /// Lifts the SMS-pumping measure (block or missed calls) of an E.164 prefix (`+4479111`), or of
+    /// a country by its calling code (`+44`).
     Unblock {
         /// The blocked prefix, as the report shows it.
         prefix: String,
@@ -295,9 +296,9 @@ async fn main_inner(cli: Cli) -> anyhow::Result<()> {
             init_logging(&config.log_filter);
             let app = kontalk_registrar::offline_app(config).await?;
             if app.registrar.unblock(digits).await? {
-                println!("+{digits}: block lifted");
+                println!("+{digits}: pumping measure lifted");
             } else {
-                println!("+{digits}: was not blocked");
+                println!("+{digits}: had no pumping measure");
             }
             Ok(())
         }
