@@ -252,7 +252,12 @@ impl Registrar {
         per_client: Option<abuse::Rate>,
         global: Option<abuse::Rate>,
     ) -> Result<(), Error> {
+        // A trusted backend (`abuse.trusted_ips`) speaks for many users: only the global budget
+        // applies to it, as only the global limits apply to its starts.
         let client = match (origin.ip, &origin.jid) {
+            (Some(ip), _) if !origin.ip_stand_in && self.settings.abuse.lists.ip_trusted(ip) => {
+                None
+            }
             (Some(ip), _) => Some(self.ip_log_id(ip)),
             (None, Some(jid)) => Some(self.secret.pseudonym("jid", jid)),
             (None, None) => None,

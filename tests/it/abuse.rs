@@ -133,6 +133,29 @@ async fn trusted_ips_skip_ip_throttling_and_untrusted_peers_cannot_forge_their_a
         429
     );
 
+    // The per-client key budget of code submissions spares trusted backends too.
+    let s = server(|c| {
+        c.settings.key_checks_per_client = rate("1/1h");
+        c.settings.abuse.lists.trusted_ips = vec!["10.0.0.0/8".parse().unwrap()];
+    })
+    .await;
+    for (n, ip, second) in [(20, "10.1.2.3", 422), (30, "192.0.2.1", 429)] {
+        let mut answers = Vec::new();
+        for i in 0..2 {
+            let started = start_from(&s, &it_number(n + i), ip).await;
+            assert_eq!(started.status, 201, "{:?}", started.body);
+            let r = post_from(
+                &s,
+                &format!("/v1/verifications/{}/code", id(&started)),
+                ip,
+                json!({"code": "000000", "public_key": "AAAA"}),
+            )
+            .await;
+            answers.push(r.status);
+        }
+        assert_eq!(answers, [422, second], "{ip}");
+    }
+
     // Without a trusted proxy, X-Forwarded-For is ignored: the peer is the client.
     let direct = server(|c| {
         c.settings.abuse.start.ip = rate("1/1h");
