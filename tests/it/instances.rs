@@ -115,7 +115,7 @@ async fn two_instances_on_one_postgres_resolve_every_race_exactly_once() {
             .await
             .unwrap();
         assert_eq!(r["database"], "postgres");
-        assert_eq!(r["schema_version"], 8);
+        assert_eq!(r["schema_version"], 9);
     }
 
     // 1. Twenty starts for one number at once, on both instances: one verification, one message.
