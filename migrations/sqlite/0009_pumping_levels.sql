@@ -1,6 +1,11 @@
 -- Issue 13: the pumping defence judges distinct numbers and distinct sources per traffic scope
--- (calling code and prefixes of several lengths), not only messages: one row per scope, ten-
--- minute bucket, kind (0 number, 1 source) and keyed hash, counted distinct over the window.
+-- (calling code and prefixes of several lengths), not only messages. The traffic counters get
+-- the numbers and clients new to each ten-minute bucket; traffic_seen remembers the keyed hashes
+-- of the current bucket's (kind 0 a number, 1 a client), so that each counts once there, and is
+-- purged as soon as its bucket is past.
+ALTER TABLE traffic ADD COLUMN numbers INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE traffic ADD COLUMN sources INTEGER NOT NULL DEFAULT 0;
+
 CREATE TABLE traffic_seen (
     scope   TEXT    NOT NULL,
     bucket  INTEGER NOT NULL,

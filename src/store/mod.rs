@@ -189,9 +189,9 @@ pub struct Traffic {
     pub sent: u64,
     /// Verifications completed (counted in the bucket of their start).
     pub completed: u64,
-    /// Distinct numbers messaged.
+    /// Distinct numbers messaged (within each ten-minute bucket, summed over the window).
     pub numbers: u64,
-    /// Distinct clients that asked for them.
+    /// Distinct clients that asked for them (likewise).
     pub sources: u64,
 }
 

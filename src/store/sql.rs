@@ -504,7 +504,8 @@ impl Store for $store {
             ("DELETE FROM rate_limits WHERE tat < $1", now.saturating_mul(1000)),
             ("DELETE FROM blocks WHERE until < $1", now),
             ("DELETE FROM traffic WHERE bucket < $1", abuse::bucket(now - super::TRAFFIC_RETENTION)),
-            ("DELETE FROM traffic_seen WHERE bucket < $1", abuse::bucket(now - super::TRAFFIC_RETENTION)),
+            // Only the current bucket's rows can still tell a number or client is new.
+            ("DELETE FROM traffic_seen WHERE bucket < $1", abuse::bucket(now) - 1),
             ("DELETE FROM daily_sends WHERE day < $1", abuse::day(now) - 2),
             ("DELETE FROM spend WHERE day < $1", abuse::day(now - super::SPEND_RETENTION)),
             ("DELETE FROM nonces WHERE expires_at < $1", now),
@@ -656,11 +657,13 @@ impl Store for $store {
             return Ok(out);
         }
         let index = |scope: &str| scopes.iter().position(|s| s == scope);
-        let list = super::sql::placeholders(2, scopes.len());
         let sums = format!(
             "SELECT scope, CAST(COALESCE(SUM(sent), 0) AS BIGINT), \
-             CAST(COALESCE(SUM(completed), 0) AS BIGINT) \
-             FROM traffic WHERE bucket >= $1 AND scope IN ({list}) GROUP BY scope"
+             CAST(COALESCE(SUM(completed), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(numbers), 0) AS BIGINT), \
+             CAST(COALESCE(SUM(sources), 0) AS BIGINT) \
+             FROM traffic WHERE bucket >= $1 AND scope IN ({}) GROUP BY scope",
+            super::sql::placeholders(2, scopes.len())
         );
         // Only numbered placeholders are formatted in: no input reaches the text.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sums)).bind(since_bucket);
@@ -669,32 +672,16 @@ impl Store for $store {
         }
         for r in q.fetch_all(&self.pool).await.map_err(db)? {
             let scope: String = r.try_get(0).map_err(db)?;
-            let sent: i64 = r.try_get(1).map_err(db)?;
-            let completed: i64 = r.try_get(2).map_err(db)?;
+            let count = |i: usize| -> Result<u64, StoreError> {
+                Ok(r.try_get::<i64, _>(i).map_err(db)?.max(0) as u64)
+            };
             if let Some(i) = index(&scope) {
-                out[i].sent = sent.max(0) as u64;
-                out[i].completed = completed.max(0) as u64;
-            }
-        }
-        let distinct = format!(
-            "SELECT scope, kind, CAST(COUNT(*) AS BIGINT) FROM \
-             (SELECT DISTINCT scope, kind, item FROM traffic_seen \
-              WHERE bucket >= $1 AND scope IN ({list})) AS seen GROUP BY scope, kind"
-        );
-        // Only numbered placeholders are formatted in: no input reaches the text.
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(distinct)).bind(since_bucket);
-        for scope in scopes {
-            q = q.bind(scope);
-        }
-        for r in q.fetch_all(&self.pool).await.map_err(db)? {
-            let scope: String = r.try_get(0).map_err(db)?;
-            let kind: i32 = r.try_get(1).map_err(db)?;
-            let n: i64 = r.try_get(2).map_err(db)?;
-            if let Some(i) = index(&scope) {
-                match kind {
-                    super::sql::SEEN_NUMBER => out[i].numbers = n.max(0) as u64,
-                    _ => out[i].sources = n.max(0) as u64,
-                }
+                out[i] = super::Traffic {
+                    sent: count(1)?,
+                    completed: count(2)?,
+                    numbers: count(3)?,
+                    sources: count(4)?,
+                };
             }
         }
         Ok(out)
@@ -763,21 +750,16 @@ impl Store for $store {
     async fn record_sent(&self, s: &SentRecord) -> Result<(), StoreError> {
         let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
         for scope in &s.scopes {
-            sqlx::query(
-                "INSERT INTO traffic (scope, bucket, sent, completed) VALUES ($1, $2, 1, 0) \
-                 ON CONFLICT (scope, bucket) DO UPDATE SET sent = traffic.sent + 1",
-            )
-            .bind(scope)
-            .bind(s.bucket)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            // A number or client is new to the scope's bucket when its row goes in: the counters
+            // then hold distinct counts per bucket, summed over the window in one indexed read.
+            let mut new = [0i64; 2];
             let seen = [
                 (super::sql::SEEN_NUMBER, Some(s.number)),
                 (super::sql::SEEN_SOURCE, s.source),
             ];
-            for (kind, item) in seen.into_iter().filter_map(|(k, i)| Some((k, i?))) {
-                sqlx::query(
+            for (i, (kind, item)) in seen.into_iter().enumerate() {
+                let Some(item) = item else { continue };
+                let inserted = sqlx::query(
                     "INSERT INTO traffic_seen (scope, bucket, kind, item) VALUES ($1, $2, $3, $4) \
                      ON CONFLICT DO NOTHING",
                 )
@@ -788,7 +770,22 @@ impl Store for $store {
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
+                new[i] = inserted.rows_affected() as i64;
             }
+            sqlx::query(
+                "INSERT INTO traffic (scope, bucket, sent, completed, numbers, sources) \
+                 VALUES ($1, $2, 1, 0, $3, $4) \
+                 ON CONFLICT (scope, bucket) DO UPDATE SET sent = traffic.sent + 1, \
+                 numbers = traffic.numbers + excluded.numbers, \
+                 sources = traffic.sources + excluded.sources",
+            )
+            .bind(scope)
+            .bind(s.bucket)
+            .bind(new[0])
+            .bind(new[1])
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         }
         sqlx::query(
             "INSERT INTO spend (day, provider, country, challenge, messages) \
