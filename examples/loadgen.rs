@@ -66,13 +66,22 @@ type Codes = Arc<Mutex<HashMap<String, String>>>;
 /// Follows the outbox from its current end, recording each line's number and code.
 fn follow_outbox(path: PathBuf, codes: Codes) {
     std::thread::spawn(move || {
-        let mut file = loop {
-            match std::fs::File::open(&path) {
+        // An outbox that is there already holds earlier runs' codes: follow it from its end. One
+        // that is not is followed from its first line once the service makes it.
+        let mut file = std::fs::File::open(&path).ok();
+        if let Some(f) = file.as_mut() {
+            let _ = f.seek(std::io::SeekFrom::End(0));
+        }
+        let file = loop {
+            match file
+                .take()
+                .map(Ok)
+                .unwrap_or_else(|| std::fs::File::open(&path))
+            {
                 Ok(f) => break f,
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
         };
-        let _ = file.seek(std::io::SeekFrom::End(0));
         let mut reader = std::io::BufReader::new(file);
         let mut line = String::new();
         loop {
