@@ -19,18 +19,24 @@ use crate::harness::{Reply, TestServer, public, user_key};
 /// `X-Forwarded-For` from the loopback proxy.
 async fn server(tweak: impl FnOnce(&mut Config)) -> TestServer {
     TestServer::start_with(|c| {
-        let a = &mut c.settings.abuse;
-        a.start = Limits::default();
-        a.resend = Limits::default();
-        a.check = Limits::default();
-        a.pumping.enabled = false;
-        a.caps.total = None;
-        a.caps.per_country = None;
-        a.repeat_window = Duration::ZERO;
-        c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+        limits_off(c);
+        c.settings.abuse.pumping.enabled = false;
         tweak(c);
     })
     .await
+}
+
+/// Every rate limit, cap and repeat window off; clients named by `X-Forwarded-For` from the
+/// loopback proxy.
+fn limits_off(c: &mut Config) {
+    let a = &mut c.settings.abuse;
+    a.start = Limits::default();
+    a.resend = Limits::default();
+    a.check = Limits::default();
+    a.caps.total = None;
+    a.caps.per_country = None;
+    a.repeat_window = Duration::ZERO;
+    c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
 }
 
 fn rate(s: &str) -> Option<Rate> {
@@ -461,15 +467,8 @@ async fn allow_and_deny_lists() {
 /// providers (the capturing one when `providers` is `None`).
 async fn pumping_server(min_numbers: u32, providers: Option<Vec<Arc<dyn Provider>>>) -> TestServer {
     let tweak = move |c: &mut Config| {
-        let a = &mut c.settings.abuse;
-        a.start = Limits::default();
-        a.resend = Limits::default();
-        a.check = Limits::default();
-        a.caps.total = None;
-        a.caps.per_country = None;
-        a.repeat_window = Duration::ZERO;
-        c.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
-        let p = &mut a.pumping;
+        limits_off(c);
+        let p = &mut c.settings.abuse.pumping;
         p.enabled = true;
         p.min_numbers = min_numbers;
         p.min_completion = 0.3;
