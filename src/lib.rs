@@ -202,7 +202,7 @@ fn load_previous_keys(config: &Config) -> anyhow::Result<Vec<(sequoia_openpgp::C
 }
 
 /// Opens the configured database (SQLite or PostgreSQL, by URL) and runs its migrations.
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn store::Store>> {
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn registrar::ports::Store>> {
     let url = config.database_url.expose();
     let shown = config.database_url.redacted();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {

@@ -611,12 +611,8 @@ async fn abuse_report(app: &kontalk_registrar::App, days: u32) -> anyhow::Result
                 .map(String::from)
                 .to_vec(),
         ];
-        let when = |t: i64| {
-            chrono::DateTime::from_timestamp(t, 0).map_or_else(
-                || t.to_string(),
-                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            )
-        };
+        let when =
+            |t: chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         for b in &blocks {
             let scope = match (
                 b.scope.strip_prefix("prefix:"),

@@ -33,12 +33,20 @@ impl PhoneNumber {
         self.calling_code
     }
 
-    /// A number read back from our own store (written there from an accepted number).
+    /// A number read back from our own store (written there from an accepted number). Not
+    /// parsed again: calling codes are prefix-free, so the first one to three digits that are a
+    /// calling code are the number's.
     pub(crate) fn from_stored(e164: &str) -> Option<Self> {
-        let parsed = phonenumber::parse(None, e164).ok()?;
+        let digits = e164.strip_prefix('+')?;
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let calling_code = (1..=3)
+            .filter_map(|n| digits.get(..n)?.parse::<u16>().ok())
+            .find(|code| phonenumber::metadata::DATABASE.by_code(code).is_some())?;
         Some(Self {
             e164: e164.to_owned(),
-            calling_code: parsed.code().value(),
+            calling_code,
         })
     }
 
@@ -259,6 +267,32 @@ impl FromStr for AccountId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_numbers_read_back_as_they_were_accepted() {
+        for n in [
+            "+15555215554",
+            "+393471234567",
+            "+447911123456",
+            "+8613800138000",
+            "+353851234567",
+            "+9647701234567",
+        ] {
+            let accepted = PhonePolicy {
+                accept_fictional: true,
+                ..PhonePolicy::default()
+            }
+            .parse(n)
+            .unwrap();
+            assert_eq!(
+                PhoneNumber::from_stored(accepted.as_str()),
+                Some(accepted),
+                "{n}"
+            );
+        }
+        assert_eq!(PhoneNumber::from_stored("393471234567"), None);
+        assert_eq!(PhoneNumber::from_stored("+39 347"), None);
+    }
 
     fn dev() -> PhonePolicy {
         PhonePolicy {

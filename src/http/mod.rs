@@ -768,7 +768,7 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     let version = tokio::time::timeout(READY_TIMEOUT, store.schema_version())
         .await
         .unwrap_or_else(|_| {
-            Err(crate::store::StoreError::Unavailable(format!(
+            Err(crate::registrar::ports::StoreError::Unavailable(format!(
                 "the database did not answer within {}s",
                 READY_TIMEOUT.as_secs()
             )))
@@ -784,7 +784,9 @@ async fn readyz(State(s): State<ApiState>) -> Response {
             tracing::warn!(error = %e, "readiness check failed");
             let now = s.clock.now();
             let detail = match &e {
-                crate::store::StoreError::Unavailable(why) if why.contains("did not answer") => {
+                crate::registrar::ports::StoreError::Unavailable(why)
+                    if why.contains("did not answer") =>
+                {
                     why.clone()
                 }
                 _ => "the database does not answer".to_owned(),

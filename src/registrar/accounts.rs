@@ -13,11 +13,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{AuthFailure, Error, LoginRefusal, Registered, Registrar, at, secs, ts};
+use super::ports::{AccountRecord, EventKind, EventRecord, KeyChange, Notice};
+use super::{AuthFailure, Error, LoginRefusal, Registered, Registrar, at, secs};
 use crate::login_cert::{self, LoginIdentity, Trust};
 use crate::openpgp::{self, UserKey};
 use crate::phone::AccountId;
-use crate::store::{EventKind, EventRecord, KeyChange, Notice};
 
 /// How long a claimed event is held before another delivery may try it.
 const EVENT_LEASE: i64 = 60;
@@ -127,12 +127,8 @@ impl Registrar {
         &self,
         account: &AccountId,
         login_fingerprint: Option<&str>,
-    ) -> Result<crate::store::AccountRecord, Error> {
-        let record = self
-            .store
-            .account(account.as_str())
-            .await?
-            .ok_or(Error::NoAccount)?;
+    ) -> Result<AccountRecord, Error> {
+        let record = self.store.account(account).await?.ok_or(Error::NoAccount)?;
         match login_fingerprint {
             Some(f) if !f.eq_ignore_ascii_case(&record.fingerprint) => {
                 tracing::info!(account = %account, "request from a session of a replaced key");
@@ -186,7 +182,11 @@ impl Registrar {
             tracing::info!(account = %identity.account, check = r.code(), "login refused");
             Err(Error::LoginRefused(r))
         };
-        match self.store.account(&identity.account).await? {
+        match self
+            .store
+            .account(&AccountId::for_stored(&identity.account))
+            .await?
+        {
             None => refused(LoginRefusal::UnknownAccount),
             Some(a) if !a.fingerprint.eq_ignore_ascii_case(&identity.fingerprint) => {
                 refused(LoginRefusal::KeyReplaced)
@@ -214,7 +214,7 @@ impl Registrar {
         // An account that does not exist is refused as a key its current key did not certify,
         // after the same work (checked against our own key, which certifies no rollover): the
         // answers must not tell registered numbers apart.
-        let record = self.store.account(account.as_str()).await?;
+        let record = self.store.account(account).await?;
         let old = match &record {
             Some(r) => openpgp::parse_cert(&r.public_key).map_err(|e| {
                 tracing::error!(account = %account, error = %e, "stored key does not parse");
@@ -224,12 +224,12 @@ impl Registrar {
         };
         let exists = record.is_some();
         let current_since = record.as_ref().map_or(UNIX_EPOCH, |r| {
-            UNIX_EPOCH + Duration::from_secs(r.updated_at.max(0).unsigned_abs())
+            UNIX_EPOCH + Duration::from_secs(r.updated_at.timestamp().max(0).unsigned_abs())
         });
         let retired = match &record {
             Some(_) => {
                 self.store
-                    .is_retired_key(account.as_str(), &key.fingerprint())
+                    .is_retired_key(account, &key.fingerprint())
                     .await?
             }
             None => false,
@@ -275,10 +275,10 @@ impl Registrar {
             old_fingerprint: record.fingerprint.clone(),
             new_fingerprint: certified.fingerprint.clone(),
             public_key: certified.bytes.clone(),
-            now: ts(now),
+            now,
             notice: self.notice(),
         };
-        if !self.store.replace_key(account.as_str(), &change).await? {
+        if !self.store.replace_key(account, &change).await? {
             return Err(Error::KeyChanged);
         }
         self.events_waker.notify_waiters();
@@ -324,10 +324,10 @@ impl Registrar {
                 ));
             }
             let max_age = secs(self.settings.signature_max_age);
-            if timestamp.abs_diff(ts(now)) > max_age.unsigned_abs() {
+            if timestamp.abs_diff(now.timestamp()) > max_age.unsigned_abs() {
                 return Err(forbidden(AuthFailure::Stale));
             }
-            let record = self.store.account(account.as_str()).await?;
+            let record = self.store.account(account).await?;
             // Without an account, the signature is still checked (against our own key, which
             // never signs removals), so that both refusals take the same work.
             let key = match &record {
@@ -350,26 +350,18 @@ impl Registrar {
             let key = format!("remove:{}:{nonce}", account.as_str());
             if !self
                 .store
-                .use_nonce(&key, timestamp.saturating_add(max_age))
+                .use_nonce(&key, at(timestamp.saturating_add(max_age)))
                 .await?
             {
                 return Err(forbidden(AuthFailure::Replayed));
             }
             record
         } else {
-            self.store
-                .account(account.as_str())
-                .await?
-                .ok_or(Error::NoAccount)?
+            self.store.account(account).await?.ok_or(Error::NoAccount)?
         };
         if !self
             .store
-            .remove_account(
-                account.as_str(),
-                &record.fingerprint,
-                ts(now),
-                &self.notice(),
-            )
+            .remove_account(account, &record.fingerprint, now, &self.notice())
             .await?
         {
             return Err(Error::KeyChanged);
@@ -382,23 +374,24 @@ impl Registrar {
     /// Claims the due events for `sink`; deliver each, then report with
     /// [`Registrar::event_delivered`] or [`Registrar::event_failed`].
     pub async fn claim_events(&self, sink: &str) -> Result<Vec<Event>, Error> {
-        let now = ts(self.clock.now());
+        let now = self.clock.now();
+        let lease_until = now + chrono::Duration::seconds(EVENT_LEASE);
         let records = self
             .store
-            .claim_events(sink, now, now + EVENT_LEASE, EVENT_BATCH)
+            .claim_events(sink, now, lease_until, EVENT_BATCH)
             .await?;
         Ok(records.into_iter().map(|r| self.event(r)).collect())
     }
 
     fn event(&self, r: EventRecord) -> Event {
-        let account = AccountId::for_stored(&r.account);
+        let account = r.account;
         let text = (r.kind == EventKind::ReregistrationStarted).then(|| {
             format!(
                 "{}: someone asked at {} to register your number on another device. If it was \
                  you, enter there the code sent to your phone. If not, ignore the code and share \
                  it with nobody: without it your account stays yours, on this device.",
                 self.settings.service_name,
-                at(r.occurred_at).format("%Y-%m-%d %H:%M UTC"),
+                r.occurred_at.format("%Y-%m-%d %H:%M UTC"),
             )
         });
         Event {
@@ -407,10 +400,10 @@ impl Registrar {
             id: r.event_id,
             kind: r.kind.as_str(),
             jid: account.jid(&self.settings.domain),
-            account: r.account,
+            account: account.as_str().to_owned(),
             old_fingerprint: r.old_fingerprint,
             new_fingerprint: r.new_fingerprint,
-            at: at(r.occurred_at),
+            at: r.occurred_at,
             attempts: r.attempts,
         }
     }
@@ -425,7 +418,10 @@ impl Registrar {
     pub async fn event_failed(&self, event: &Event) -> Result<Duration, Error> {
         let wait = (5i64 << event.attempts.min(12)).min(EVENT_RETRY_MAX);
         self.store
-            .event_failed(event.row, ts(self.clock.now()) + wait)
+            .event_failed(
+                event.row,
+                self.clock.now() + chrono::Duration::seconds(wait),
+            )
             .await?;
         Ok(Duration::from_secs(wait.unsigned_abs()))
     }

@@ -265,10 +265,10 @@ impl Error {
 /// How long a client is told to wait when the database cannot be reached.
 pub const STORE_RETRY_SECS: i64 = 5;
 
-impl From<crate::store::StoreError> for Error {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<crate::registrar::ports::StoreError> for Error {
+    fn from(e: crate::registrar::ports::StoreError) -> Self {
         match e {
-            crate::store::StoreError::Unavailable(_) => {
+            crate::registrar::ports::StoreError::Unavailable(_) => {
                 tracing::error!(error = %e, "database unreachable");
                 Error::StoreUnavailable {
                     retry_at: Utc::now() + chrono::Duration::seconds(STORE_RETRY_SECS),

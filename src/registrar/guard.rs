@@ -13,9 +13,9 @@ use chrono::{DateTime, Utc};
 
 use super::abuse::{self, Action, Measure, Scope, Step};
 use super::error::Limit;
-use super::{Error, Refusal, Registrar, at, ts};
+use super::ports::{BlockRecord, MeasureChange, RateBucket, SpendRecord, StoreError, Time};
+use super::{Error, Refusal, Registrar, after, at, whole_seconds};
 use crate::phone::PhoneNumber;
-use crate::store::{RateBucket, SentRecord, SpendRecord, StoreError};
 
 /// Who is asking, as far as a transport can tell.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -78,13 +78,13 @@ pub(super) struct Verdict {
 }
 
 /// A keyed hash as a 64-bit counter item.
-fn item(pseudonym: &str) -> i64 {
+pub(super) fn item(pseudonym: &str) -> i64 {
     u64::from_str_radix(pseudonym, 16).unwrap_or_default() as i64
 }
 
 impl Registrar {
     /// The E.164 digits and calling code of `phone`.
-    fn digits_and_country(phone: &PhoneNumber) -> (&str, String) {
+    pub(super) fn digits_and_country(phone: &PhoneNumber) -> (&str, String) {
         let digits = phone.as_str().trim_start_matches('+');
         (digits, phone.calling_code().to_string())
     }
@@ -148,19 +148,8 @@ impl Registrar {
             .map(|k| self.secret.pseudonym("idempotency-key", k))
     }
 
-    /// Takes one `action` from every limited scope of `phone` and `origin`; refuses with the
-    /// limit that is exhausted.
-    pub(super) async fn throttle(
-        &self,
-        action: Action,
-        phone: &PhoneNumber,
-        origin: &Origin,
-    ) -> Result<(), Error> {
-        self.throttle_scopes(action, phone, origin, &Scope::ALL)
-            .await
-    }
-
-    /// [`Registrar::throttle`] in the scopes `only`.
+    /// Takes one `action` from every limited scope of `phone` and `origin` in `only`; refuses
+    /// with the limit that is exhausted.
     pub(super) async fn throttle_scopes(
         &self,
         action: Action,
@@ -168,6 +157,43 @@ impl Registrar {
         origin: &Origin,
         only: &[Scope],
     ) -> Result<(), Error> {
+        let (buckets, scopes) = self.rate_buckets(action, phone, origin, only);
+        match self.take_buckets(&buckets, &scopes, "rate limits").await? {
+            None => Ok(()),
+            Some((scope, retry_at)) => Err(self.rate_limited(action, scope, phone, retry_at)),
+        }
+    }
+
+    /// The refusal of `action` for `phone` by the limit of `scope`, logged.
+    pub(super) fn rate_limited(
+        &self,
+        action: Action,
+        scope: Scope,
+        phone: &PhoneNumber,
+        retry_at: Time,
+    ) -> Error {
+        tracing::info!(
+            action = action.as_str(),
+            limit = scope.as_str(),
+            phone = %self.log_id(phone.as_str()),
+            country = phone.calling_code(),
+            "rate limited"
+        );
+        Error::RateLimited {
+            retry_at,
+            limit: Limit::Rate(scope),
+        }
+    }
+
+    /// The buckets of `action` for `phone` and `origin` in the limited scopes of `only`, and the
+    /// scope of each.
+    pub(super) fn rate_buckets(
+        &self,
+        action: Action,
+        phone: &PhoneNumber,
+        origin: &Origin,
+        only: &[Scope],
+    ) -> (Vec<RateBucket>, Vec<Scope>) {
         let a = &self.settings.abuse;
         let limits = a.limits(action);
         let (digits, country) = Self::digits_and_country(phone);
@@ -187,51 +213,22 @@ impl Registrar {
                 Scope::Country => country.clone(),
                 Scope::Global => String::new(),
             };
-            buckets.push(RateBucket {
-                key: format!("{}:{}:{value}", action.as_str(), scope.as_str()),
+            buckets.push(RateBucket::new(
+                format!("{}:{}:{value}", action.as_str(), scope.as_str()),
                 rate,
-            });
+            ));
             scopes.push(scope);
         }
-        match self.take_buckets(&buckets, &scopes, "rate limits").await? {
-            None => Ok(()),
-            Some((scope, retry_at)) => {
-                tracing::info!(
-                    action = action.as_str(),
-                    limit = scope.as_str(),
-                    phone = %self.log_id(phone.as_str()),
-                    country = %country,
-                    "rate limited"
-                );
-                Err(Error::RateLimited {
-                    retry_at,
-                    limit: Limit::Rate(scope),
-                })
-            }
-        }
+        (buckets, scopes)
     }
 
-    /// Whether a new verification of `phone` may get a short code: one from the number's budget
-    /// of short codes (an unreadable budget gives a long code, the safe side).
-    pub(super) async fn short_code_allowed(&self, phone: &PhoneNumber) -> bool {
-        let Some(rate) = self.settings.short_codes_per_number else {
-            return true;
-        };
-        let bucket = RateBucket {
-            key: format!(
-                "short-code:number:{}",
-                self.secret.pseudonym("phone", phone.as_str())
-            ),
-            rate,
-        };
-        let now = self.clock.now().timestamp_millis();
-        match self
-            .store
-            .take_rates(std::slice::from_ref(&bucket), now)
-            .await
-        {
-            Ok(None) => true,
-            Ok(Some(_)) => {
+    /// Whether a new verification of `phone` may get a short code: whether the number's budget
+    /// of short codes (`bucket`) has one (an unreadable budget gives a long code, the safe side).
+    /// The start that gets it takes it with its verification.
+    pub(super) async fn short_code_free(&self, bucket: &RateBucket, phone: &PhoneNumber) -> bool {
+        match self.store.rate_free(bucket, self.clock.now()).await {
+            Ok(true) => true,
+            Ok(false) => {
                 tracing::info!(phone = %self.log_id(phone.as_str()), "short codes used up: a long code");
                 false
             }
@@ -271,10 +268,10 @@ impl Registrar {
             let (Some(rate), Some(value)) = (rate, value) else {
                 continue;
             };
-            buckets.push(RateBucket {
-                key: format!("{action}:{}:{value}", scope.as_str()),
+            buckets.push(RateBucket::new(
+                format!("{action}:{}:{value}", scope.as_str()),
                 rate,
-            });
+            ));
             scopes.push(scope);
         }
         match self.take_buckets(&buckets, &scopes, action).await? {
@@ -311,14 +308,12 @@ impl Registrar {
         scopes: &[Scope],
         what: &str,
     ) -> Result<Option<(Scope, DateTime<Utc>)>, Error> {
-        let now = self.clock.now();
-        match self.store.take_rates(buckets, now.timestamp_millis()).await {
+        if buckets.is_empty() {
+            return Ok(None);
+        }
+        match self.store.take_rates(buckets, self.clock.now()).await {
             Ok(None) => Ok(None),
-            Ok(Some((i, retry_ms))) => Ok(Some((
-                scopes[i],
-                DateTime::<Utc>::from_timestamp_millis(retry_ms)
-                    .unwrap_or(now + chrono::Duration::seconds(1)),
-            ))),
+            Ok(Some((i, retry_at))) => Ok(Some((scopes[i], retry_at))),
             Err(e) => self.limits_failed(e, what).map(|()| None),
         }
     }
@@ -329,11 +324,13 @@ impl Registrar {
     /// window); the `prefix_digits` prefix is blocked when missed calls have not helped for
     /// `block_after`, or at once when no provider can place one (`can_call`). Broader scopes are
     /// never blocked, so that a country's own users keep getting codes. Refuses a message to a
-    /// blocked scope.
+    /// blocked scope. The measures to put (new ones, and extensions once half gone) go to
+    /// `changes`, for the step's plan.
     pub(super) async fn check_pumping(
         &self,
         phone: &PhoneNumber,
         can_call: bool,
+        changes: &mut Vec<MeasureChange>,
     ) -> Result<Verdict, Error> {
         let a = &self.settings.abuse;
         let p = &a.pumping;
@@ -342,10 +339,19 @@ impl Registrar {
         }
         let (digits, country) = Self::digits_and_country(phone);
         let scopes = a.traffic_scopes(digits, &country);
-        let now = ts(self.clock.now());
-        let measures = match self.store.measures(&scopes, now).await {
-            Ok(m) => m,
-            Err(e) => return self.limits_failed(e, "blocks").map(|()| Verdict::default()),
+        let now = whole_seconds(self.clock.now());
+        let window = i64::try_from(p.window.as_secs()).unwrap_or(i64::MAX / 2);
+        let (measures, traffic) = match self
+            .store
+            .pumping_facts(&scopes, abuse::bucket(now.timestamp() - window), now)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                return self
+                    .limits_failed(e, "traffic")
+                    .map(|()| Verdict::default());
+            }
         };
         if let Some(until) = measures
             .iter()
@@ -354,24 +360,10 @@ impl Registrar {
             .max()
         {
             return Err(Error::RateLimited {
-                retry_at: at(until),
+                retry_at: until,
                 limit: Limit::PrefixBlocked,
             });
         }
-        let window = i64::try_from(p.window.as_secs()).unwrap_or(i64::MAX / 2);
-        let traffic = match self
-            .store
-            .traffic(&scopes, abuse::bucket(now - window))
-            .await
-        {
-            Ok(t) => t,
-            Err(e) => {
-                return self
-                    .limits_failed(e, "traffic")
-                    .map(|()| Verdict::default());
-            }
-        };
-        let block_after = i64::try_from(p.block_after.as_secs()).unwrap_or(3600);
         let mut verdict = Verdict::default();
         for (i, (scope, t)) in scopes.iter().zip(&traffic).enumerate() {
             let calling = measures
@@ -389,41 +381,44 @@ impl Registrar {
             );
             let block_level = i + 1 == scopes.len() && scope.starts_with("prefix:");
             if block_level
-                && (!can_call || calling.is_some_and(|m| now - m.created_at >= block_after))
+                && (!can_call
+                    || calling.is_some_and(|m| {
+                        now - m.created_at
+                            >= chrono::Duration::from_std(p.block_after)
+                                .unwrap_or(chrono::Duration::hours(1))
+                    }))
             {
-                let until = now + i64::try_from(p.block_for.as_secs()).unwrap_or(86_400);
-                if let Err(e) = self
-                    .store
-                    .set_measure(scope, Measure::Block, until, &reason, now)
-                    .await
-                {
-                    return self.limits_failed(e, "blocks").map(|()| verdict);
-                }
+                let until = after(now, p.block_for);
+                changes.push(MeasureChange {
+                    scope: scope.clone(),
+                    measure: Measure::Block,
+                    until,
+                    reason,
+                });
                 tracing::warn!(
                     scope = %scope,
                     numbers = t.numbers,
                     sources = t.sources,
                     sent = t.sent,
                     completed = t.completed,
-                    until = %at(until).to_rfc3339(),
+                    until = %until.to_rfc3339(),
                     event = "prefix_blocked",
                     "prefix blocked: its completion ratio collapsed (SMS pumping?)"
                 );
                 return Err(Error::RateLimited {
-                    retry_at: at(until),
+                    retry_at: until,
                     limit: Limit::PrefixBlocked,
                 });
             }
             verdict.call = true;
             // Extended while the traffic stays bad, written again only when half gone.
-            if calling.is_none_or(|m| m.until - now < window / 2) {
-                if let Err(e) = self
-                    .store
-                    .set_measure(scope, Measure::Call, now + window, &reason, now)
-                    .await
-                {
-                    self.limits_failed(e, "blocks")?;
-                }
+            if calling.is_none_or(|m| (m.until - now).num_seconds() < window / 2) {
+                changes.push(MeasureChange {
+                    scope: scope.clone(),
+                    measure: Measure::Call,
+                    until: after(now, p.window),
+                    reason,
+                });
                 if calling.is_none() {
                     tracing::warn!(
                         scope = %scope,
@@ -441,7 +436,7 @@ impl Registrar {
     }
 
     /// The daily-cap scopes of `phone` with their caps.
-    fn caps(&self, phone: &PhoneNumber) -> Vec<(String, u32)> {
+    pub(super) fn caps(&self, phone: &PhoneNumber) -> Vec<(String, u32)> {
         let caps = &self.settings.abuse.caps;
         let country = phone.calling_code().to_string();
         let mut out = Vec::with_capacity(2);
@@ -454,96 +449,48 @@ impl Registrar {
         out
     }
 
-    /// Reserves a message under the daily caps; the scopes to give back if it does not go out.
-    pub(super) async fn reserve_message(&self, phone: &PhoneNumber) -> Result<Vec<String>, Error> {
-        let caps = self.caps(phone);
-        let now = self.clock.now();
-        match self.store.reserve_daily(&caps, abuse::day(ts(now))).await {
-            Ok(None) => Ok(caps.into_iter().map(|(s, _)| s).collect()),
-            Ok(Some(i)) => {
-                let tomorrow = at((abuse::day(ts(now)) + 1) * 86_400);
-                let limit = if caps[i].0 == "total" {
-                    Limit::DailyCap
-                } else {
-                    Limit::CountryDailyCap
-                };
-                tracing::warn!(
-                    cap = %caps[i].0,
-                    limit = caps[i].1,
-                    event = "daily_cap_reached",
-                    "daily cap of messages reached"
-                );
-                Err(Error::RateLimited {
-                    retry_at: tomorrow,
-                    limit,
-                })
-            }
-            Err(e) => self.limits_failed(e, "daily caps").map(|()| Vec::new()),
+    /// The refusal when daily cap `caps[i]` is reached.
+    pub(super) fn cap_reached(&self, caps: &[(String, u32)], i: usize, now: Time) -> Error {
+        let tomorrow = at((abuse::day(now.timestamp()) + 1) * 86_400);
+        let Some((scope, cap)) = caps.get(i) else {
+            return Error::Internal;
+        };
+        let limit = if scope == "total" {
+            Limit::DailyCap
+        } else {
+            Limit::CountryDailyCap
+        };
+        tracing::warn!(
+            cap = %scope,
+            limit = cap,
+            event = "daily_cap_reached",
+            "daily cap of messages reached"
+        );
+        Error::RateLimited {
+            retry_at: tomorrow,
+            limit,
         }
     }
 
-    /// Gives back a reservation whose message did not go out.
-    pub(super) async fn release_message(&self, reserved: &[String]) {
-        let day = abuse::day(ts(self.clock.now()));
-        if let Err(e) = self.store.release_daily(reserved, day).await {
-            tracing::warn!(error = %e, "cannot give back a daily-cap reservation");
-        }
-    }
-
-    /// Counts a message that went out through `provider` for client `source` (its keyed hash).
-    pub(super) async fn count_sent(
+    /// The traffic scopes of `phone` and the ten-minute bucket of `started`, to count a
+    /// completed verification in the bucket of its start (so that it meets its messages in the
+    /// ratio).
+    pub(super) fn completion_counted(
         &self,
         phone: &PhoneNumber,
-        source: Option<&str>,
-        provider: &str,
-        challenge: super::Challenge,
-    ) {
-        let a = &self.settings.abuse;
+        started: Time,
+    ) -> (Vec<String>, i64) {
         let (digits, country) = Self::digits_and_country(phone);
-        let now = ts(self.clock.now());
-        let price = abuse::price(&a.costs, provider, &country);
-        let record = SentRecord {
-            scopes: a.traffic_scopes(digits, &country),
-            number: item(&self.log_id(phone.as_str())),
-            source: source.map(item),
-            bucket: abuse::bucket(now),
-            day: abuse::day(now),
-            provider: provider.to_owned(),
-            country: country.clone(),
-            challenge,
-        };
-        if let Err(e) = self.store.record_sent(&record).await {
-            tracing::warn!(error = %e, "cannot count a message");
-        }
-        tracing::info!(
-            provider,
-            country = %country,
-            %challenge,
-            cost = price,
-            currency = %a.currency,
-            "message sent"
-        );
-    }
-
-    /// Counts a completed verification of `phone` that started at `started` (Unix seconds), in
-    /// the bucket of its start so that it meets its messages in the ratio.
-    pub(super) async fn count_completed(&self, phone: &PhoneNumber, started: i64) {
-        let a = &self.settings.abuse;
-        let (digits, country) = Self::digits_and_country(phone);
-        let scopes = a.traffic_scopes(digits, &country);
-        if let Err(e) = self
-            .store
-            .record_completed(&scopes, abuse::bucket(started))
-            .await
-        {
-            tracing::warn!(error = %e, "cannot count a completion");
-        }
+        (
+            self.settings.abuse.traffic_scopes(digits, &country),
+            abuse::bucket(started.timestamp()),
+        )
     }
 
     /// Messages per day, provider, calling code and challenge over the last `days` days, with
     /// their cost where prices are configured.
     pub async fn spend_report(&self, days: u32) -> Result<Vec<SpendLine>, Error> {
-        let today = abuse::day(ts(self.clock.now()));
+        let today = abuse::day(self.clock.now().timestamp());
         let since = today - i64::from(days.max(1)) + 1;
         let costs = &self.settings.abuse.costs;
         Ok(self
@@ -560,8 +507,8 @@ impl Registrar {
     }
 
     /// The prefixes blocked now.
-    pub async fn blocks(&self) -> Result<Vec<crate::store::BlockRecord>, Error> {
-        Ok(self.store.blocks(ts(self.clock.now())).await?)
+    pub async fn blocks(&self) -> Result<Vec<BlockRecord>, Error> {
+        Ok(self.store.blocks(self.clock.now()).await?)
     }
 
     /// Lifts the pumping measures (block or missed calls) of E.164 prefix `prefix` (digits, `+`
@@ -583,7 +530,7 @@ impl Registrar {
     pub async fn sent_today(&self) -> Result<Vec<(String, u64)>, Error> {
         Ok(self
             .store
-            .daily_sends(abuse::day(ts(self.clock.now())))
+            .daily_sends(abuse::day(self.clock.now().timestamp()))
             .await?)
     }
 }

@@ -11,10 +11,10 @@
 //! passphrase-protected and whose fingerprint is the account's current key; a newer upload
 //! replaces the older one, and a key replaced since the upload is not handed out.
 
-use super::{Error, Registrar, at, secs, ts};
+use super::ports::KeyTransferRecord;
+use super::{Error, Registrar, after, whole_seconds};
 use crate::openpgp;
 use crate::phone::AccountId;
-use crate::store::KeyTransferRecord;
 
 /// What the new device receives.
 #[derive(Clone, PartialEq, Eq)]
@@ -72,11 +72,7 @@ impl Registrar {
         account: &AccountId,
         private_key: Vec<u8>,
     ) -> Result<KeyToken, Error> {
-        let record = self
-            .store
-            .account(account.as_str())
-            .await?
-            .ok_or(Error::NoAccount)?;
+        let record = self.store.account(account).await?.ok_or(Error::NoAccount)?;
         let (fingerprint, private_key) = self
             .crypto
             .run(move || openpgp::check_encrypted_secret_key(&private_key))
@@ -88,23 +84,20 @@ impl Registrar {
             ));
         }
         let token = hex::encode(rand::random::<[u8; 20]>());
-        let now = ts(self.clock.now());
-        let expires_at = now.saturating_add(secs(self.settings.key_transfer_lifetime));
+        let now = whole_seconds(self.clock.now());
+        let expires_at = after(now, self.settings.key_transfer_lifetime);
         self.store
             .put_key_transfer(&KeyTransferRecord {
                 token_hash: self.secret.token_id("key-transfer", &token),
-                account: account.as_str().to_owned(),
+                account: account.clone(),
                 fingerprint: record.fingerprint,
                 private_key,
                 created_at: now,
                 expires_at,
             })
             .await?;
-        tracing::info!(account = %account, expires_at = %at(expires_at).to_rfc3339(), "private key stored for a new device");
-        Ok(KeyToken {
-            token,
-            expires_at: at(expires_at),
-        })
+        tracing::info!(account = %account, expires_at = %expires_at.to_rfc3339(), "private key stored for a new device");
+        Ok(KeyToken { token, expires_at })
     }
 
     /// Hands out, once, the private key stored under `token`, with the account's current public
@@ -118,7 +111,7 @@ impl Registrar {
         let Some(token) = normalize(token) else {
             return Err(Error::NoKeyTransfer);
         };
-        let now = ts(self.clock.now());
+        let now = self.clock.now();
         let transfer = self
             .store
             .take_key_transfer(&self.secret.token_id("key-transfer", &token), now)

@@ -1,26 +1,38 @@
 //! PostgreSQL (and PostgreSQL-compatible databases), for several instances behind one database.
-//! The queries are shared with SQLite (`sql.rs`); every race between instances is settled by a
-//! constraint or a conditional update, never by a lock in one process.
+//! Every race between instances is settled by a constraint or a conditional write, never by a
+//! lock in one process.
 
 use std::str::FromStr;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::sql::{db, delete_key_transfer, insert_events, migration_error, retire_key};
-use super::{
-    AccountRecord, BlockRecord, CompleteOutcome, Completion, DeliveryRecord, EventKind,
-    EventRecord, KeyChange, KeyTransferRecord, Notice, RateBucket, Renewal, Requester, SentRecord,
-    SpendRecord, Store, StoreError, TryLimits, VerificationRecord,
-};
-use crate::registrar::abuse;
+use super::rows::{db, migration_error};
+use crate::registrar::ports::StoreError;
+
+type Db = sqlx::Postgres;
+type Conn = sqlx::PgConnection;
+type This = PgStore;
+
+/// Rows are locked as they are updated.
+const BEGIN: &str = "BEGIN";
+const KIND: &str = "postgres";
+/// One event from a bucket if it has one (see [`RateBucket`](crate::registrar::ports::RateBucket)).
+const TAKE_RATE: &str = "INSERT INTO rate_limits (key, tat) VALUES ($1, $2 + $3) \
+     ON CONFLICT (key) DO UPDATE SET tat = GREATEST(rate_limits.tat, $2) + $3 \
+     WHERE GREATEST(rate_limits.tat, $2) + $3 - $2 <= $4";
+/// One event from a bucket, admitted or not.
+const TAKE_RATE_ANYWAY: &str = "INSERT INTO rate_limits (key, tat) VALUES ($1, $2 + $3) \
+     ON CONFLICT (key) DO UPDATE SET tat = GREATEST(rate_limits.tat, $2) + $3";
+/// Locks the account's row until the completion commits.
+const ACCOUNT_FINGERPRINT_FOR_UPDATE: &str =
+    "SELECT fingerprint FROM accounts WHERE id = $1 FOR UPDATE";
 
 /// A PostgreSQL database.
 #[derive(Clone, Debug)]
 pub struct PgStore {
-    pool: PgPool,
+    write: PgPool,
+    read: PgPool,
 }
 
 impl PgStore {
@@ -38,7 +50,10 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(|e| StoreError::Database(format!("cannot connect: {}", db(e))))?;
-        let store = Self { pool };
+        let store = Self {
+            read: pool.clone(),
+            write: pool,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -47,10 +62,10 @@ impl PgStore {
     /// advisory lock around them.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::migrate!("migrations/postgres")
-            .run(&self.pool)
+            .run(&self.write)
             .await
             .map_err(migration_error)
     }
 }
 
-super::sql::sql_store!(PgStore, PgRow, "BEGIN", "postgres", " FOR UPDATE");
+include!("shared.rs");

@@ -548,7 +548,7 @@ async fn a_prefix_whose_completion_ratio_collapses_gets_missed_calls_then_a_bloc
     // attacked range, the block on the prefix itself.
     let measures: Vec<(String, &str)> = crate::harness::open_store(&s.db_url)
         .await
-        .blocks(s.clock_now().timestamp())
+        .blocks(s.clock_now())
         .await
         .unwrap()
         .into_iter()

@@ -121,11 +121,13 @@ async fn postgres_over_tls_is_required_when_the_url_says_so() {
 /// lease), retried after a failure, and gone once delivered; a nonce is accepted once.
 #[tokio::test]
 async fn events_are_leased_retried_and_deleted_and_nonces_are_single_use() {
-    use kontalk_registrar::store::{EventKind, KeyChange, Notice};
+    use kontalk_registrar::registrar::ports::{EventKind, KeyChange, Notice};
     let dir = tempfile::tempdir().unwrap();
     let url = database(dir.path()).await;
     let store = open_store(&url).await;
     let now = 1_800_000_000;
+    let at = |s: i64| chrono::DateTime::from_timestamp(now + s, 0).unwrap();
+    let account: kontalk_registrar::phone::AccountId = EMULATOR_ACCOUNT.parse().unwrap();
     execute(
         &url,
         &format!(
@@ -142,18 +144,18 @@ async fn events_are_leased_retried_and_deleted_and_nonces_are_single_use() {
         old_fingerprint: "OLD".into(),
         new_fingerprint: "NEW".into(),
         public_key: vec![1, 2, 3],
-        now,
+        now: at(0),
         notice: notice.clone(),
     };
-    assert!(store.replace_key(EMULATOR_ACCOUNT, &change).await.unwrap());
+    assert!(store.replace_key(&account, &change).await.unwrap());
     // A second rollover from the same old key finds the key changed: nothing written.
-    assert!(!store.replace_key(EMULATOR_ACCOUNT, &change).await.unwrap());
-    let account = store.account(EMULATOR_ACCOUNT).await.unwrap().unwrap();
-    assert_eq!(account.fingerprint, "NEW");
+    assert!(!store.replace_key(&account, &change).await.unwrap());
+    let stored = store.account(&account).await.unwrap().unwrap();
+    assert_eq!(stored.fingerprint, "NEW");
 
     // One row per sink; a claim holds it until the lease ends.
     let claimed = store
-        .claim_events("webhook", now, now + 60, 10)
+        .claim_events("webhook", at(0), at(60), 10)
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1);
@@ -168,34 +170,34 @@ async fn events_are_leased_retried_and_deleted_and_nonces_are_single_use() {
     );
     assert!(
         store
-            .claim_events("webhook", now + 30, now + 90, 10)
+            .claim_events("webhook", at(30), at(90), 10)
             .await
             .unwrap()
             .is_empty()
     );
     // A deliverer that died: the event comes back when the lease ends.
     let again = store
-        .claim_events("webhook", now + 60, now + 120, 10)
+        .claim_events("webhook", at(60), at(120), 10)
         .await
         .unwrap();
     assert_eq!(again.len(), 1);
-    store.event_failed(again[0].id, now + 200).await.unwrap();
+    store.event_failed(again[0].id, at(200)).await.unwrap();
     assert!(
         store
-            .claim_events("webhook", now + 199, now + 260, 10)
+            .claim_events("webhook", at(199), at(260), 10)
             .await
             .unwrap()
             .is_empty()
     );
     let retried = store
-        .claim_events("webhook", now + 200, now + 260, 10)
+        .claim_events("webhook", at(200), at(260), 10)
         .await
         .unwrap();
     assert_eq!(retried[0].attempts, 1);
     store.event_delivered(retried[0].id).await.unwrap();
     assert!(
         store
-            .claim_events("webhook", now + 1000, now + 1060, 10)
+            .claim_events("webhook", at(1000), at(1060), 10)
             .await
             .unwrap()
             .is_empty()
@@ -203,7 +205,7 @@ async fn events_are_leased_retried_and_deleted_and_nonces_are_single_use() {
     // The other sink still has its copy.
     assert_eq!(
         store
-            .claim_events("xmpp", now, now + 60, 10)
+            .claim_events("xmpp", at(0), at(60), 10)
             .await
             .unwrap()
             .len(),
@@ -213,7 +215,7 @@ async fn events_are_leased_retried_and_deleted_and_nonces_are_single_use() {
     // Removal: only while the key is the one the caller checked.
     assert!(
         !store
-            .remove_account(EMULATOR_ACCOUNT, "OLD", now, &notice)
+            .remove_account(&account, "OLD", at(0), &notice)
             .await
             .unwrap()
     );
@@ -223,13 +225,13 @@ async fn events_are_leased_retried_and_deleted_and_nonces_are_single_use() {
     };
     assert!(
         store
-            .remove_account(EMULATOR_ACCOUNT, "NEW", now, &removal)
+            .remove_account(&account, "NEW", at(0), &removal)
             .await
             .unwrap()
     );
-    assert!(store.account(EMULATOR_ACCOUNT).await.unwrap().is_none());
+    assert!(store.account(&account).await.unwrap().is_none());
     let removed = store
-        .claim_events("webhook", now, now + 60, 10)
+        .claim_events("webhook", at(0), at(60), 10)
         .await
         .unwrap();
     assert_eq!(removed.len(), 1);
@@ -248,33 +250,35 @@ async fn events_are_leased_retried_and_deleted_and_nonces_are_single_use() {
     .await;
     assert!(
         store
-            .remove_account(EMULATOR_ACCOUNT, "A", now, &Notice::default())
+            .remove_account(&account, "A", at(0), &Notice::default())
             .await
             .unwrap()
     );
     assert!(
         store
-            .claim_events("webhook", now + 5000, now + 5060, 10)
+            .claim_events("webhook", at(5000), at(5060), 10)
             .await
             .unwrap()
             .is_empty()
     );
 
     // Nonces: once each, and purged after they expire.
-    assert!(store.use_nonce("remove:x:n1", now + 300).await.unwrap());
-    assert!(!store.use_nonce("remove:x:n1", now + 300).await.unwrap());
-    assert!(store.use_nonce("remove:x:n2", now + 300).await.unwrap());
-    store.purge_expired(now + 301).await.unwrap();
-    assert!(store.use_nonce("remove:x:n1", now + 900).await.unwrap());
+    assert!(store.use_nonce("remove:x:n1", at(300)).await.unwrap());
+    assert!(!store.use_nonce("remove:x:n1", at(300)).await.unwrap());
+    assert!(store.use_nonce("remove:x:n2", at(300)).await.unwrap());
+    store.purge_expired(at(301)).await.unwrap();
+    assert!(store.use_nonce("remove:x:n1", at(900)).await.unwrap());
 }
 
 #[tokio::test]
 async fn key_transfers_are_taken_once_replaced_by_account_and_go_with_the_key() {
-    use kontalk_registrar::store::{KeyChange, KeyTransferRecord, Notice};
+    use kontalk_registrar::registrar::ports::{KeyChange, KeyTransferRecord, Notice};
     let dir = tempfile::tempdir().unwrap();
     let url = database(dir.path()).await;
     let store = open_store(&url).await;
     let now = 1_800_000_000;
+    let at = |s: i64| chrono::DateTime::from_timestamp(now + s, 0).unwrap();
+    let account: kontalk_registrar::phone::AccountId = EMULATOR_ACCOUNT.parse().unwrap();
     execute(
         &url,
         &format!(
@@ -283,74 +287,71 @@ async fn key_transfers_are_taken_once_replaced_by_account_and_go_with_the_key() 
         ),
     )
     .await;
-    let transfer = |token: &str, expires_at| KeyTransferRecord {
+    let transfer = |token: &str, expires_at: chrono::DateTime<chrono::Utc>| KeyTransferRecord {
         token_hash: token.into(),
-        account: EMULATOR_ACCOUNT.into(),
+        account: account.clone(),
         fingerprint: "OLD".into(),
         private_key: vec![0x95, 1, 2],
-        created_at: now,
+        created_at: at(0),
         expires_at,
     };
     // Taken once, whoever asks second gets nothing.
     store
-        .put_key_transfer(&transfer("t1", now + 900))
+        .put_key_transfer(&transfer("t1", at(900)))
         .await
         .unwrap();
-    let got = store.take_key_transfer("t1", now).await.unwrap().unwrap();
-    assert_eq!(got, transfer("t1", now + 900));
-    assert_eq!(store.take_key_transfer("t1", now).await.unwrap(), None);
+    let got = store.take_key_transfer("t1", at(0)).await.unwrap().unwrap();
+    assert_eq!(got, transfer("t1", at(900)));
+    assert_eq!(store.take_key_transfer("t1", at(0)).await.unwrap(), None);
     // A newer upload of the account replaces the older one, concurrent uploads included.
     store
-        .put_key_transfer(&transfer("t2", now + 900))
+        .put_key_transfer(&transfer("t2", at(900)))
         .await
         .unwrap();
-    let (t3, t4) = (transfer("t3", now + 900), transfer("t4", now + 900));
+    let (t3, t4) = (transfer("t3", at(900)), transfer("t4", at(900)));
     let (a, b) = tokio::join!(store.put_key_transfer(&t3), store.put_key_transfer(&t4));
     a.unwrap();
     b.unwrap();
-    assert_eq!(store.take_key_transfer("t2", now).await.unwrap(), None);
+    assert_eq!(store.take_key_transfer("t2", at(0)).await.unwrap(), None);
     let left = [
-        store.take_key_transfer("t3", now).await.unwrap(),
-        store.take_key_transfer("t4", now).await.unwrap(),
+        store.take_key_transfer("t3", at(0)).await.unwrap(),
+        store.take_key_transfer("t4", at(0)).await.unwrap(),
     ];
     assert_eq!(left.iter().filter(|t| t.is_some()).count(), 1, "{left:?}");
     // Expired: not handed out, and purged.
     store
-        .put_key_transfer(&transfer("t5", now + 900))
+        .put_key_transfer(&transfer("t5", at(900)))
         .await
         .unwrap();
-    assert_eq!(
-        store.take_key_transfer("t5", now + 900).await.unwrap(),
-        None
-    );
+    assert_eq!(store.take_key_transfer("t5", at(900)).await.unwrap(), None);
     store
-        .put_key_transfer(&transfer("t6", now + 900))
+        .put_key_transfer(&transfer("t6", at(900)))
         .await
         .unwrap();
-    store.purge_expired(now + 901).await.unwrap();
-    assert_eq!(store.take_key_transfer("t6", now).await.unwrap(), None);
+    store.purge_expired(at(901)).await.unwrap();
+    assert_eq!(store.take_key_transfer("t6", at(0)).await.unwrap(), None);
     // A rollover takes the old key's transfer with it.
     store
-        .put_key_transfer(&transfer("t7", now + 900))
+        .put_key_transfer(&transfer("t7", at(900)))
         .await
         .unwrap();
     let change = KeyChange {
         old_fingerprint: "OLD".into(),
         new_fingerprint: "NEW".into(),
         public_key: vec![1],
-        now,
+        now: at(0),
         notice: Notice {
             event_id: "e1".into(),
             sinks: vec![],
         },
     };
-    assert!(store.replace_key(EMULATOR_ACCOUNT, &change).await.unwrap());
-    assert_eq!(store.take_key_transfer("t7", now).await.unwrap(), None);
+    assert!(store.replace_key(&account, &change).await.unwrap());
+    assert_eq!(store.take_key_transfer("t7", at(0)).await.unwrap(), None);
     // And a removal takes the new key's.
     store
         .put_key_transfer(&KeyTransferRecord {
             fingerprint: "NEW".into(),
-            ..transfer("t8", now + 900)
+            ..transfer("t8", at(900))
         })
         .await
         .unwrap();
@@ -360,11 +361,11 @@ async fn key_transfers_are_taken_once_replaced_by_account_and_go_with_the_key() 
     };
     assert!(
         store
-            .remove_account(EMULATOR_ACCOUNT, "NEW", now, &notice)
+            .remove_account(&account, "NEW", at(0), &notice)
             .await
             .unwrap()
     );
-    assert_eq!(store.take_key_transfer("t8", now).await.unwrap(), None);
+    assert_eq!(store.take_key_transfer("t8", at(0)).await.unwrap(), None);
 }
 
 #[tokio::test]

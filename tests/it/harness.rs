@@ -86,7 +86,7 @@ fn unique_suffix() -> String {
 }
 
 /// The store of the database `url`, opened beside the server (to look inside).
-pub async fn open_store(url: &str) -> Box<dyn kontalk_registrar::store::Store> {
+pub async fn open_store(url: &str) -> Box<dyn kontalk_registrar::registrar::ports::Store> {
     if url.starts_with("postgres") {
         Box::new(
             kontalk_registrar::store::PgStore::open(url, 1, Duration::from_secs(10))

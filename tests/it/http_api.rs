@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use kontalk_registrar::openpgp;
-use kontalk_registrar::store::Store;
+use kontalk_registrar::registrar::ports::Store;
 use registrar_providers::{
     CapturingProvider, Challenge, Delivery, ErrorKind, Outgoing, Provider, ProviderError,
 };
@@ -78,7 +78,7 @@ async fn happy_path_registers_and_certifies_the_key() {
     assert_eq!(status.body["status"], "verified");
     let account = store_of(&s)
         .await
-        .account(EMULATOR_ACCOUNT)
+        .account(&EMULATOR_ACCOUNT.parse().unwrap())
         .await
         .unwrap()
         .unwrap();
@@ -126,7 +126,7 @@ async fn conflict_then_force_replaces_the_key() {
     assert_ne!(first.fingerprint(), second.fingerprint());
     let account = store_of(&s)
         .await
-        .account(EMULATOR_ACCOUNT)
+        .account(&EMULATOR_ACCOUNT.parse().unwrap())
         .await
         .unwrap()
         .unwrap();
@@ -253,11 +253,10 @@ async fn expired_verifications_are_gone_and_purged() {
         assert_eq!((r.status, r.problem_type()), (404, "not-found"));
     }
     let store = store_of(&s).await;
-    let now = s.clock_now().timestamp();
-    assert_eq!(store.purge_expired(now).await.unwrap(), 1);
+    assert_eq!(store.purge_expired(s.clock_now()).await.unwrap(), 1);
     assert!(
         store
-            .verification_by_phone(EMULATOR)
+            .verification_by_account(&EMULATOR_ACCOUNT.parse().unwrap())
             .await
             .unwrap()
             .is_none()

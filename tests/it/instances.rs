@@ -180,7 +180,11 @@ async fn two_instances_on_one_postgres_resolve_every_race_exactly_once() {
     );
     assert!(submissions.windows(2).all(|w| w[0].1 == w[1].1));
     let store = open_store(&db).await;
-    let account = store.account(EMULATOR_ACCOUNT).await.unwrap().unwrap();
+    let account = store
+        .account(&EMULATOR_ACCOUNT.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         account.created_at, account.updated_at,
         "created once, never replaced"
@@ -247,7 +251,9 @@ async fn two_instances_on_one_postgres_resolve_every_race_exactly_once() {
     assert_eq!(s, 429, "locked on every instance, even for the right code");
 
     // 6. Both instances purge at once without stepping on each other.
-    let purges = join_all((0..4).map(|_| store.purge_expired(i64::MAX))).await;
+    let purges =
+        join_all((0..4).map(|_| store.purge_expired(chrono::DateTime::<chrono::Utc>::MAX_UTC)))
+            .await;
     let purged: u64 = purges.into_iter().map(|r| r.unwrap()).sum();
     assert_eq!(purged, 2, "each expired verification deleted exactly once");
 }

@@ -408,7 +408,7 @@ async fn simulate(attack: Attack) -> Outcome {
 async fn measures(s: &TestServer) -> Vec<(String, String)> {
     crate::harness::open_store(&s.db_url)
         .await
-        .blocks(s.clock_now().timestamp() - 2 * 86_400)
+        .blocks(s.clock_now() - chrono::Duration::days(2))
         .await
         .unwrap()
         .into_iter()

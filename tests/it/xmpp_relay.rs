@@ -799,7 +799,7 @@ async fn key_transfers_keep_only_the_latest_current_key_and_no_token() {
     // nothing (and consumes nothing).
     let first = token(&relay(&s, &session, &upload).await);
     let store = open_store(&s.db_url).await;
-    let now = s.clock_now().timestamp();
+    let now = s.clock_now();
     assert_eq!(store.take_key_transfer(&first, now).await.unwrap(), None);
     // A newer upload makes the older token useless.
     let second = token(&relay(&s, &session, &upload).await);
