@@ -2,12 +2,12 @@
 //! line on the console, so that a developer can register without any gateway. The console line
 //! shows the code: that is this provider's delivery channel, not a log line of the service.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Mutex;
 
 use crate::{Challenge, DeliveredCode, Delivery, ErrorKind, Outgoing, Provider, ProviderError};
 
@@ -119,17 +119,15 @@ impl Provider for DevelopmentProvider {
         })?;
         json.push('\n');
         {
-            let _guard = self.lock.lock().await;
-            let mut file = tokio::fs::OpenOptions::new()
+            // One small append to a local file, as a log line is written: done in place, with no
+            // hop to the blocking pool. One write, so that readers never see half a line.
+            let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&self.outbox)
-                .await
+                .and_then(|mut file| file.write_all(json.as_bytes()))
                 .map_err(|e| self.io_error(e))?;
-            file.write_all(json.as_bytes())
-                .await
-                .map_err(|e| self.io_error(e))?;
-            file.flush().await.map_err(|e| self.io_error(e))?;
         }
         if self.print {
             println!(

@@ -105,72 +105,64 @@ impl Registrar {
         };
         self.throttle_scopes(abuse::Action::Check, &v.phone, origin, scopes)
             .await?;
-        // The key is judged before a try is spent: a bad key says nothing about the code.
-        let key = {
-            let email = email.clone();
-            let when = std::time::SystemTime::from(now);
-            self.crypto
-                .run(move || openpgp::check_user_key(&key, &email, when).map(|()| key))
-                .await??
-        };
         let limits = self.limits(&v);
-        // Our own code is compared here, and a wrong one spends its try at once; a correct one
-        // spends it with the completion. A provider's code is checked by the provider, after the
-        // try is spent, so that parallel guesses cannot outrun the counter.
-        let matches = match &v.code_hash {
-            Some(hash) => self.secret.code_matches(v.id.as_str(), code.as_str(), hash),
-            None => {
-                if self
-                    .store
-                    .take_attempt(&v.id, &requester, limits, now)
-                    .await?
-                    .is_none()
-                {
-                    return self.duplicate_or_locked(&id, code, &key).await;
-                }
-                self.provider_check(&v, code).await?
-            }
-        };
-        if !matches {
-            let spent = if v.code_hash.is_some() {
-                match self
-                    .store
-                    .take_attempt(&v.id, &requester, limits, now)
-                    .await?
-                {
-                    Some(spent) => spent,
-                    None => return self.duplicate_or_locked(&id, code, &key).await,
-                }
-            } else {
-                match requester {
-                    Requester::Holder => v.attempts + 1,
-                    Requester::Peer(_) => 1,
-                }
-            };
-            let attempts_left = match requester {
-                Requester::Holder => limits.holder.saturating_sub(spent),
-                Requester::Peer(_) => limits.per_peer.saturating_sub(spent).min(
-                    limits
-                        .others
-                        .saturating_sub(v.total_attempts.saturating_sub(v.attempts) + 1),
-                ),
-            };
-            tracing::info!(verification = %v.id, attempts_left, "wrong code");
-            return Err(Error::WrongCode { attempts_left });
-        }
-        let certified = {
-            let server = self.server_key.clone();
-            let when = std::time::SystemTime::from(now);
-            let email = email.clone();
-            let key = key.clone();
+        let when = std::time::SystemTime::from(now);
+        // Our own code is compared here: a wrong one spends its try at once, a correct one with
+        // the completion. A provider's code is checked by the provider, after the try is spent,
+        // so that parallel guesses cannot outrun the counter. Either way the key is judged
+        // before a try is spent: a bad key says nothing about the code.
+        let own_match = v
+            .code_hash
+            .as_deref()
+            .map(|hash| self.secret.code_matches(v.id.as_str(), code.as_str(), hash));
+        let (key, certified) = if own_match == Some(true) {
+            // Judged and certified in one trip to the crypto pool.
+            let (server, email) = (self.server_key.clone(), email.clone());
             self.crypto
-                .run(move || server.certify(&key, &email, when))
-                .await?
-                .map_err(|e| {
-                    tracing::error!(error = %e, "certification failed");
-                    Error::Internal
-                })?
+                .run(move || {
+                    openpgp::check_user_key(&key, &email, when).map(|()| {
+                        let certified = server.certify(&key, &email, when);
+                        (key, certified)
+                    })
+                })
+                .await??
+        } else {
+            let key = {
+                let email = email.clone();
+                self.crypto
+                    .run(move || openpgp::check_user_key(&key, &email, when).map(|()| key))
+                    .await??
+            };
+            let spent = self
+                .store
+                .take_attempt(&v.id, &requester, limits, now)
+                .await?;
+            let Some(spent) = spent else {
+                return self.duplicate_or_locked(&id, code, &key).await;
+            };
+            if own_match.is_some() || !self.provider_check(&v, code).await? {
+                let attempts_left = match requester {
+                    Requester::Holder => limits.holder.saturating_sub(spent),
+                    Requester::Peer(_) => limits.per_peer.saturating_sub(spent).min(
+                        limits
+                            .others
+                            .saturating_sub(v.total_attempts.saturating_sub(v.attempts) + 1),
+                    ),
+                };
+                tracing::info!(verification = %v.id, attempts_left, "wrong code");
+                return Err(Error::WrongCode { attempts_left });
+            }
+            let (server, email, certifying) = (self.server_key.clone(), email.clone(), key.clone());
+            let certified = self
+                .crypto
+                .run(move || server.certify(&certifying, &email, when))
+                .await?;
+            (key, certified)
         };
+        let certified = certified.map_err(|e| {
+            tracing::error!(error = %e, "certification failed");
+            Error::Internal
+        })?;
         let test = self.is_test_number(v.phone.as_str());
         let completion = Completion {
             id: v.id.clone(),

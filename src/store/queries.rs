@@ -82,18 +82,9 @@ pub const SET_MEASURE: &str = "INSERT INTO blocks (scope, measure, until, reason
      ON CONFLICT (scope) DO UPDATE SET until = excluded.until, reason = excluded.reason, \
      created_at = CASE WHEN blocks.measure = excluded.measure AND blocks.until > $5 \
      THEN blocks.created_at ELSE excluded.created_at END, measure = excluded.measure";
-pub const SEEN: &str = "INSERT INTO traffic_seen (scope, bucket, kind, item) \
-     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING";
-pub const COUNT_SENT: &str = "INSERT INTO traffic (scope, bucket, sent, completed, numbers, \
-     sources) VALUES ($1, $2, 1, 0, $3, $4) \
-     ON CONFLICT (scope, bucket) DO UPDATE SET sent = traffic.sent + 1, \
-     numbers = traffic.numbers + excluded.numbers, sources = traffic.sources + excluded.sources";
 pub const COUNT_SPEND: &str = "INSERT INTO spend (day, provider, country, challenge, messages) \
      VALUES ($1, $2, $3, $4, 1) ON CONFLICT (day, provider, country, challenge) \
      DO UPDATE SET messages = spend.messages + 1";
-pub const COUNT_COMPLETED: &str = "INSERT INTO traffic (scope, bucket, sent, completed) \
-     VALUES ($1, $2, 0, 1) \
-     ON CONFLICT (scope, bucket) DO UPDATE SET completed = traffic.completed + 1";
 pub const REMOVE_BLOCK: &str = "DELETE FROM blocks WHERE scope = $1";
 pub const BLOCKS: &str = "SELECT scope, measure, until, reason, created_at FROM blocks \
      WHERE until > $1 ORDER BY scope";
@@ -187,10 +178,66 @@ pub fn traffic_of(scopes: usize) -> String {
     )
 }
 
+/// `n` rows of `traffic_seen` (scope, bucket, kind, item) inserted unless there, returning the
+/// scope and kind of those that are new.
+pub fn seen(n: usize) -> String {
+    format!(
+        "INSERT INTO traffic_seen (scope, bucket, kind, item) VALUES {} ON CONFLICT DO NOTHING \
+         RETURNING scope, kind",
+        rows(n, 4)
+    )
+}
+
+/// One message counted under `n` scopes (scope, bucket, new numbers, new sources).
+pub fn count_sent(n: usize) -> String {
+    format!(
+        "INSERT INTO traffic (scope, bucket, numbers, sources, sent, completed) VALUES {} \
+         ON CONFLICT (scope, bucket) DO UPDATE SET sent = traffic.sent + 1, \
+         numbers = traffic.numbers + excluded.numbers, \
+         sources = traffic.sources + excluded.sources",
+        rows_with(n, 4, ", 1, 0")
+    )
+}
+
+/// One completion counted under `n` scopes (scope, bucket).
+pub fn count_completed(n: usize) -> String {
+    format!(
+        "INSERT INTO traffic (scope, bucket, sent, completed) VALUES {} \
+         ON CONFLICT (scope, bucket) DO UPDATE SET completed = traffic.completed + 1",
+        rows_with(n, 2, ", 0, 1")
+    )
+}
+
+/// `($1, .., $width), ($width+1, ..), ...`: `n` rows of numbered placeholders.
+fn rows(n: usize, width: usize) -> String {
+    rows_with(n, width, "")
+}
+
+/// [`rows`] with `tail` (constants) after each row's placeholders.
+fn rows_with(n: usize, width: usize, tail: &str) -> String {
+    (0..n)
+        .map(|r| format!("({}{tail})", placeholders(r * width + 1, width)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `$first, $first+1, ...`: `n` numbered placeholders for an `IN (...)` list.
 fn placeholders(first: usize, n: usize) -> String {
     (first..first + n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_lists_number_their_placeholders_in_order() {
+        assert_eq!(rows(2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(rows_with(2, 1, ", 0"), "($1, 0), ($2, 0)");
+        assert!(count_sent(3).contains("($9, $10, $11, $12, 1, 0) ON CONFLICT"));
+        assert!(measures_on(2).ends_with("IN ($2, $3)"));
+    }
 }

@@ -201,33 +201,35 @@ async fn renew(c: &mut Conn, r: &Renew) -> Result<Applied, StoreError> {
     })
 }
 
-/// Counts a message under its scopes: a number or client is new to a scope's bucket when its
-/// `traffic_seen` row goes in, so the counters hold distinct counts per bucket, summed over the
-/// window in one indexed read.
+/// Counts a message under its scopes, in three statements whatever their number: a number or
+/// client is new to a scope's bucket when its `traffic_seen` row goes in (the insert returns the
+/// new ones), so the counters hold distinct counts per bucket, summed over the window in one
+/// indexed read.
 async fn count_sent(c: &mut Conn, s: &SentRecord) -> Result<(), StoreError> {
-    for scope in &s.scopes {
-        let mut new = [0i64; 2];
-        let seen = [(q::SEEN_NUMBER, Some(s.number)), (q::SEEN_SOURCE, s.source)];
-        for (i, (kind, item)) in seen.into_iter().enumerate() {
-            let Some(item) = item else { continue };
-            let inserted = sqlx::query(q::SEEN)
+    if !s.scopes.is_empty() {
+        let items: Vec<(i32, i64)> = [(q::SEEN_NUMBER, Some(s.number)), (q::SEEN_SOURCE, s.source)]
+            .into_iter()
+            .filter_map(|(kind, item)| Some((kind, item?)))
+            .collect();
+        // Only numbered placeholders are formatted into these: no input reaches the text.
+        let seen = q::seen(s.scopes.len() * items.len());
+        let mut query = sqlx::query_as::<_, (String, i32)>(sqlx::AssertSqlSafe(seen));
+        for scope in &s.scopes {
+            for (kind, item) in &items {
+                query = query.bind(scope).bind(s.bucket).bind(*kind).bind(*item);
+            }
+        }
+        let new = query.fetch_all(&mut *c).await.map_err(db)?;
+        let is_new = |scope: &str, kind: i32| i64::from(new.iter().any(|(s, k)| s == scope && *k == kind));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(q::count_sent(s.scopes.len())));
+        for scope in &s.scopes {
+            query = query
                 .bind(scope)
                 .bind(s.bucket)
-                .bind(kind)
-                .bind(item)
-                .execute(&mut *c)
-                .await
-                .map_err(db)?;
-            new[i] = i64::try_from(inserted.rows_affected()).unwrap_or(1);
+                .bind(is_new(scope, q::SEEN_NUMBER))
+                .bind(is_new(scope, q::SEEN_SOURCE));
         }
-        sqlx::query(q::COUNT_SENT)
-            .bind(scope)
-            .bind(s.bucket)
-            .bind(new[0])
-            .bind(new[1])
-            .execute(&mut *c)
-            .await
-            .map_err(db)?;
+        query.execute(&mut *c).await.map_err(db)?;
     }
     sqlx::query(q::COUNT_SPEND)
         .bind(s.day)
@@ -566,15 +568,12 @@ impl Verifications for This {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        if let Some((scopes, bucket)) = &c.counted {
+        if let Some((scopes, bucket)) = c.counted.as_ref().filter(|(s, _)| !s.is_empty()) {
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(q::count_completed(scopes.len())));
             for scope in scopes {
-                sqlx::query(q::COUNT_COMPLETED)
-                    .bind(scope)
-                    .bind(bucket)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
+                query = query.bind(scope).bind(bucket);
             }
+            query.execute(&mut *tx).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
         Ok(CompleteOutcome::Done)
