@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::ports::{AccountRecord, EventKind, EventRecord, KeyChange, Notice};
-use super::{AuthFailure, Error, LoginRefusal, Registered, Registrar, at, secs};
+use super::{AuthFailure, Error, LoginRefusal, Registered, Registrar, from_unix};
 use crate::login_cert::{self, LoginIdentity, Trust};
 use crate::openpgp::{self, UserKey};
 use crate::phone::AccountId;
@@ -323,7 +323,8 @@ impl Registrar {
                     "the nonce must be 16 to 128 characters of A-Z, a-z, 0-9, - and _".into(),
                 ));
             }
-            let max_age = secs(self.settings.signature_max_age);
+            let max_age =
+                i64::try_from(self.settings.signature_max_age.as_secs()).unwrap_or(i64::MAX);
             if timestamp.abs_diff(now.timestamp()) > max_age.unsigned_abs() {
                 return Err(forbidden(AuthFailure::Stale));
             }
@@ -350,7 +351,7 @@ impl Registrar {
             let key = format!("remove:{}:{nonce}", account.as_str());
             if !self
                 .store
-                .use_nonce(&key, at(timestamp.saturating_add(max_age)))
+                .use_nonce(&key, from_unix(timestamp.saturating_add(max_age)))
                 .await?
             {
                 return Err(forbidden(AuthFailure::Replayed));

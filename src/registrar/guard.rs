@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use super::abuse::{self, Action, Measure, Scope, Step};
 use super::error::Limit;
 use super::ports::{BlockRecord, MeasureChange, RateBucket, SpendRecord, StoreError, Time};
-use super::{Error, Refusal, Registrar, after, at, whole_seconds};
+use super::{Error, Refusal, Registrar, after, from_unix, whole_seconds};
 use crate::phone::PhoneNumber;
 
 /// Who is asking, as far as a transport can tell.
@@ -451,7 +451,7 @@ impl Registrar {
 
     /// The refusal when daily cap `caps[i]` is reached.
     pub(super) fn cap_reached(&self, caps: &[(String, u32)], i: usize, now: Time) -> Error {
-        let tomorrow = at((abuse::day(now.timestamp()) + 1) * 86_400);
+        let tomorrow = from_unix((abuse::day(now.timestamp()) + 1) * 86_400);
         let Some((scope, cap)) = caps.get(i) else {
             return Error::Internal;
         };

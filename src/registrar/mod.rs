@@ -262,14 +262,14 @@ enum OwnCode {
 /// The provider name recorded for test numbers.
 pub const TEST_PROVIDER: &str = "test-number";
 
-/// Unix time `secs`.
-fn at(secs: i64) -> Time {
+/// The time `secs` seconds after the Unix epoch (protocol timestamps, UTC days).
+fn from_unix(secs: i64) -> Time {
     DateTime::from_timestamp(secs, 0).unwrap_or(DateTime::<Utc>::MAX_UTC)
 }
 
 /// `t` without its fraction of a second: the times of records are whole seconds.
 fn whole_seconds(t: Time) -> Time {
-    at(t.timestamp())
+    from_unix(t.timestamp())
 }
 
 /// `d` after `t`.
@@ -278,10 +278,6 @@ fn after(t: Time, d: Duration) -> Time {
         .ok()
         .and_then(|d| t.checked_add_signed(d))
         .unwrap_or(DateTime::<Utc>::MAX_UTC)
-}
-
-fn secs(d: Duration) -> i64 {
-    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
 
 impl Registrar {

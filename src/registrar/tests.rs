@@ -28,7 +28,7 @@ fn fixture(adjust: impl FnOnce(&mut Settings)) -> Fixture {
     adjust(&mut settings);
     let store = Arc::new(MemoryStore::new());
     let provider = CapturingProvider::new("capture", "+15550001111");
-    let clock = ManualClock::new(at(1_800_000_000));
+    let clock = ManualClock::new(from_unix(1_800_000_000));
     let dispatcher = Dispatcher::new(
         vec![Arc::new(provider.clone()) as Arc<dyn Provider>],
         Vec::new(),
