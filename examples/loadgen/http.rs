@@ -8,13 +8,22 @@ use serde_json::{Value, json};
 use crate::outbox::Codes;
 use crate::report::{Recorder, WHOLE};
 
+/// A transport error by its innermost cause (the URL left out, so that errors add up).
+fn transport(e: reqwest::Error) -> String {
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    format!("transport: {cause}")
+}
+
 async fn post(client: &reqwest::Client, url: String, body: &Value) -> Result<(u16, Value), String> {
     let r = client
         .post(url)
         .json(body)
         .send()
         .await
-        .map_err(|e| format!("transport: {e}"))?;
+        .map_err(transport)?;
     let status = r.status().as_u16();
     let body = r.json::<Value>().await.unwrap_or(Value::Null);
     Ok((status, body))

@@ -236,8 +236,12 @@ async fn main() {
     });
     let work = prepare(&args, first);
 
+    // The service closes a connection that waits 10 s for a request head (its header
+    // timeout, idle keep-alive included): drop idle connections before that, or a request sent
+    // on one as it closes fails.
     let http_client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.clients)
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()
         .expect("an HTTP client");
     let default_url = "http://127.0.0.1:8080".to_owned();
@@ -288,6 +292,7 @@ async fn main() {
     let usage = |pid: Option<u32>| pid.and_then(Usage::of);
     let before = (usage(args.pid), usage(args.prosody_pid));
     let client_before = usage(Some(std::process::id()));
+    let machine_before = report::Machine::now();
     let ctx = Arc::new(ctx);
     let seen = Arc::new(Mutex::new(Seen::default()));
     let work = Arc::new(Mutex::new(work));
@@ -311,6 +316,7 @@ async fn main() {
     }
     while tasks.join_next().await.is_some() {}
     let elapsed = started.elapsed();
+    let machine_after = report::Machine::now();
 
     let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
     let servers = [
@@ -337,6 +343,7 @@ async fn main() {
         clients: args.clients,
         rate: args.rate,
         elapsed,
+        machine: [machine_before, machine_after],
     };
     let json = report::report(&run, seen, &servers, &client);
     if let Some(path) = &args.json {

@@ -89,6 +89,34 @@ impl Usage {
     }
 }
 
+/// CPU time of the whole machine (all cores), from `/proc/stat`: what other processes took
+/// during a run shows how far its figures can be trusted.
+#[derive(Clone, Copy)]
+pub struct Machine {
+    /// Busy time (user, nice, system, irq, softirq), seconds.
+    pub busy: f64,
+    /// Time the hypervisor gave to other guests, seconds.
+    pub steal: f64,
+}
+
+impl Machine {
+    pub fn now() -> Option<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .map(|t| t.parse().unwrap_or(0.0))
+            .collect();
+        let tick = |i: usize| ticks.get(i).copied().unwrap_or(0.0) / 100.0;
+        Some(Self {
+            busy: tick(0) + tick(1) + tick(2) + tick(5) + tick(6),
+            steal: tick(7),
+        })
+    }
+}
+
 /// A server process whose cost is reported: its label, and its usage before and after the run.
 pub struct Server {
     pub label: &'static str,
@@ -111,6 +139,8 @@ pub struct Run {
     pub clients: usize,
     pub rate: Option<f64>,
     pub elapsed: Duration,
+    /// The machine before and after.
+    pub machine: [Option<Machine>; 2],
 }
 
 /// Prints the report and returns it as JSON; `client` is this process (so that one can see
@@ -163,6 +193,7 @@ pub fn report(run: &Run, mut seen: Seen, servers: &[Server], client: &Server) ->
         }
     }
     let mut client_cpu = Value::Null;
+    let mut ours = 0.0;
     if let (Some(b), Some(a)) = (client.before, client.after) {
         let cpu = a.cpu - b.cpu;
         println!(
@@ -171,10 +202,27 @@ pub fn report(run: &Run, mut seen: Seen, servers: &[Server], client: &Server) ->
             cpu / secs * 100.0
         );
         client_cpu = json!(cpu);
+        ours += cpu;
+    }
+    for s in servers {
+        if let (Some(b), Some(a)) = (s.before, s.after) {
+            ours += a.cpu - b.cpu;
+        }
+    }
+    let (mut other_cpu, mut steal) = (Value::Null, Value::Null);
+    if let [Some(b), Some(a)] = run.machine {
+        let (other, stolen) = ((a.busy - b.busy - ours).max(0.0), a.steal - b.steal);
+        println!(
+            "  other processes CPU {other:.2} s ({:.0}% of one core); stolen by the hypervisor {stolen:.2} s",
+            other / secs * 100.0
+        );
+        (other_cpu, steal) = (json!(other), json!(stolen));
     }
     json!({
         "mode": run.mode,
         "client_cpu_s": client_cpu,
+        "other_cpu_s": other_cpu,
+        "steal_s": steal,
         "registrations": run.total,
         "done": done,
         "clients": run.clients,
