@@ -40,19 +40,6 @@ impl Rate {
     pub fn interval_ms(&self) -> i64 {
         (self.period_ms() / i64::from(self.count.max(1))).max(1)
     }
-
-    /// GCRA: given the bucket's theoretical arrival time `tat` (ms; 0 for a new bucket) at
-    /// `now` (ms), the new `tat` when one more event is allowed, or when it will be.
-    pub fn admit(&self, tat: i64, now: i64) -> Result<i64, i64> {
-        let interval = self.interval_ms();
-        let next = tat.max(now).saturating_add(interval);
-        let burst = interval.saturating_mul(i64::from(self.count.max(1)));
-        if next - now <= burst {
-            Ok(next)
-        } else {
-            Err(next - burst)
-        }
-    }
 }
 
 /// A rate that cannot be read.
@@ -562,7 +549,10 @@ mod tests {
 
     #[test]
     fn gcra_allows_a_burst_then_one_per_interval() {
-        let r = Rate::new(3, Duration::from_secs(60));
+        // The bucket's arithmetic (ports::RateBucket::admit), which the SQL adapters repeat in
+        // one conditional upsert.
+        let r =
+            super::super::ports::RateBucket::new("k".into(), Rate::new(3, Duration::from_secs(60)));
         let now = 1_000_000;
         let mut tat = 0;
         for _ in 0..3 {
